@@ -69,16 +69,38 @@ def test_energies_and_forces_float32(cfg: str) -> None:
 
 
 def test_energies_and_forces_float64(cfg: str) -> None:
+    """float64: exact on the official edge vectors; ~1e-6 on our own graph.
+
+    The official "float64" run adds lattice offsets computed in float32 (``n.float() @
+    cell.float()``) to float64 positions, so its edge vectors differ from exact ones by ~5e-7 A.
+    Fed those same vectors, this implementation agrees to rounding (~1e-14); on its own exact
+    vectors the difference is that of the inputs.
+    """
     path = FIXTURES / cfg / "preds_float64.npz"
     if not path.exists():
         pytest.skip(f"{cfg} has no float64 reference")
     preds = np.load(path)
     model = load(cfg, torch.float64)
-    out = model(batch_from_preds(preds, torch.float64))
+    batch = batch_from_preds(preds, torch.float64)
+    natoms, nedges = preds["natoms"], preds["nedges"]
+    atom_offset = np.repeat(np.cumsum(natoms) - natoms, nedges)
+    edges = model.edges_from_vectors(
+        torch.as_tensor(preds["edge_index"] + atom_offset),
+        torch.as_tensor(preds["cell_offsets"]),
+        torch.as_tensor(preds["edge_distance_vec"]),
+        batch.num_atoms,
+    )
+    out = model.predict(batch, edges)
     d_energy = np.max(np.abs(out["energy"].detach().numpy() - preds["energy"]))
     d_forces = np.max(np.abs(out["forces"].detach().numpy() - preds["forces"]))
-    print(f"{cfg} float64: max |dE| = {d_energy:.2e} eV, max |dF| = {d_forces:.2e} eV/A")
-    assert d_energy < 1e-7 and d_forces < 1e-7
+    print(f"{cfg} float64, official edge vectors: max |dE| = {d_energy:.1e} eV, max |dF| = {d_forces:.1e} eV/A")
+    assert d_energy < 1e-10 and d_forces < 1e-10
+
+    out = model(batch)
+    d_energy = np.max(np.abs(out["energy"].detach().numpy() - preds["energy"]))
+    d_forces = np.max(np.abs(out["forces"].detach().numpy() - preds["forces"]))
+    print(f"{cfg} float64, own graph: max |dE| = {d_energy:.1e} eV, max |dF| = {d_forces:.1e} eV/A")
+    assert d_energy < 2e-5 and d_forces < 2e-5
 
 
 def test_same_graph_ranks_and_frames(cfg: str) -> None:

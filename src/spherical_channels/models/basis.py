@@ -22,6 +22,15 @@ class _OffsetExpansion(ConstantsModule):
         self.num_output = num
         self.register_constant("offset", offsets)
 
+    def set_offsets(self, offsets: torch.Tensor) -> None:
+        """Use the given centres (e.g. the float32 buffer an official checkpoint carries, which
+        the official model uses as loaded) instead of the computed ones; shape ``[num]``."""
+        if offsets.shape != self.offset.shape:
+            raise ValueError(f"expected {tuple(self.offset.shape)} offsets, got {tuple(offsets.shape)}")
+        current = self.offset
+        self._constant_masters["offset"] = offsets.detach().to("cpu", torch.float64)
+        self._buffers["offset"] = offsets.detach().to(device=current.device, dtype=current.dtype)
+
     def _shifted(self, distance: torch.Tensor) -> torch.Tensor:
         return distance.unsqueeze(-1) - self.offset.to(distance.dtype)
 

@@ -117,6 +117,10 @@ def load_fairchem_checkpoint(
     model = SCN(**attrs)
 
     official = checkpoint["state_dict"]
+    # The official model uses its distance centres as stored (float32 even in a float64 run).
+    offsets = official.get("module.distance_expansion.offset", official.get("distance_expansion.offset"))
+    if offsets is not None and hasattr(model.distance_expansion, "set_offsets"):
+        model.distance_expansion.set_offsets(offsets)
     native_state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     param_keys: list[str] = []  # official parameter names in parameters() order (for the EMA)

@@ -187,8 +187,18 @@ class SCN(nn.Module):
         if graph is None:
             graph = build_graph(batch, self.cutoff, self.max_num_neighbors)
         vectors = edge_vectors(positions, batch.cell.to(positions.dtype), batch.batch, graph)
+        return self.edges_from_vectors(graph.edge_index, graph.cell_offsets, vectors, positions.shape[0])
+
+    def edges_from_vectors(
+        self,
+        edge_index: torch.Tensor,
+        cell_offsets: torch.Tensor,
+        vectors: torch.Tensor,
+        num_atoms: int,
+    ) -> EdgeData:
+        """Ranks, resolution groups and frames for given edges ``[2, E]`` and vectors ``[E, 3]``."""
         distance = torch.linalg.vector_norm(vectors, dim=-1)
-        rank = neighbor_ranks(distance.detach(), graph.edge_index[1], positions.shape[0])
+        rank = neighbor_ranks(distance.detach(), edge_index[1], num_atoms)
         resolution = torch.zeros_like(rank)
         for boundary in self.rank_boundaries:
             resolution += (rank >= boundary).long()
@@ -200,8 +210,8 @@ class SCN(nn.Module):
         vectors = vectors[order]
         roll = self.current_roll if self.edge_rotation else "none"
         return EdgeData(
-            edge_index=graph.edge_index[:, order],
-            cell_offsets=graph.cell_offsets[order],
+            edge_index=edge_index[:, order],
+            cell_offsets=cell_offsets[order],
             vectors=vectors,
             distance=distance[order],
             rank=rank[order],
@@ -237,23 +247,26 @@ class SCN(nn.Module):
             if conservative and not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
             edges = self.edge_data(batch, positions, graph)
-            x = self.embed(batch, edges)
-            values = self.sphere_sampler(x)  # [N, P, C]
-            node_energy = self.sphere_sampler.integrate(self.energy_head(values)).squeeze(-1)
-            energy = torch.zeros(batch.num_structures, dtype=node_energy.dtype, device=node_energy.device)
-            energy = energy.index_add(0, batch.batch, node_energy)
-            energy = energy * self.energy_scale + self.energy_shift
-            out = {"energy": energy}
-            if self.regress_forces and self.direct_forces:
-                magnitude = self.force_head(values)  # [N, P, 1]
-                directions = self.sphere_sampler.directions.to(magnitude.dtype)
-                forces = self.sphere_sampler.integrate(magnitude * directions)
-                out["forces"] = forces * self.force_scale
-            elif conservative:
+            out = self.predict(batch, edges)
+            if conservative:
                 (grad,) = torch.autograd.grad(
-                    energy.sum(), positions, create_graph=self.training, allow_unused=True
+                    out["energy"].sum(), positions, create_graph=self.training, allow_unused=True
                 )
                 out["forces"] = -grad if grad is not None else torch.zeros_like(positions)
+        return out
+
+    def predict(self, batch: AtomicBatch, edges: EdgeData) -> dict[str, torch.Tensor]:
+        """Energy ``[S]`` (and direct forces ``[N, 3]``) from prepared edges."""
+        x = self.embed(batch, edges)
+        values = self.sphere_sampler(x)  # [N, P, C]
+        node_energy = self.sphere_sampler.integrate(self.energy_head(values)).squeeze(-1)
+        energy = torch.zeros(batch.num_structures, dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, batch.batch, node_energy)
+        out = {"energy": energy * self.energy_scale + self.energy_shift}
+        if self.regress_forces and self.direct_forces:
+            magnitude = self.force_head(values)  # [N, P, 1]
+            directions = self.sphere_sampler.directions.to(magnitude.dtype)
+            out["forces"] = self.sphere_sampler.integrate(magnitude * directions) * self.force_scale
         return out
 
     @property

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["ConstantsModule"]
+__all__ = ["ConstantsModule", "float64_default"]
 
 
 class ConstantsModule(torch.nn.Module):
@@ -32,3 +35,18 @@ class ConstantsModule(torch.nn.Module):
             current = self._buffers[name]
             self._buffers[name] = master.to(device=current.device, dtype=current.dtype)
         return self
+
+
+@contextlib.contextmanager
+def float64_default() -> Iterator[None]:
+    """Temporarily make float64 the default dtype.
+
+    Some e3nn constructors (``o3.wigner_D``'s generators, ``ToS2Grid`` without ``dtype``) build
+    their tensors in the default dtype; under float32 their "float64" results carry 1e-7 errors.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -50,7 +50,7 @@ class SphericalGrid(ConstantsModule):
         bands = []
         for band in range(num_bands):
             l_band = lmax - band
-            to_grid = ToS2Grid(l_band, self.resolution, normalization="integral")
+            to_grid = ToS2Grid(l_band, self.resolution, normalization="integral", dtype=torch.float64)
             # value[beta, alpha] = sum_m sha[alpha, m] sum_i shb[m, beta, i] x[i]
             dense = torch.einsum("am,mbi->bai", to_grid.sha.double(), to_grid.shb.double())
             dense = dense.reshape(self.num_points, -1)
@@ -60,7 +60,7 @@ class SphericalGrid(ConstantsModule):
         # [num_bands * P, basis], rows ordered (point, band) so a reshape gives band-minor features
         to_matrix = torch.stack(bands, dim=1).reshape(self.num_points * num_bands, basis)
 
-        from_grid = FromS2Grid(self.resolution, lmax, normalization="integral")
+        from_grid = FromS2Grid(self.resolution, lmax, normalization="integral", dtype=torch.float64)
         # x[i] = sum_{beta, m} shb[m, beta, i] sum_alpha sha[alpha, m] value[beta, alpha]
         from_matrix = torch.einsum("mbi,am->iba", from_grid.shb.double(), from_grid.sha.double())
         from_matrix = from_matrix.reshape(basis, self.num_points)

@@ -23,7 +23,7 @@ import torch
 from e3nn import o3
 
 from .frames import roll_about_y
-from .constants import ConstantsModule
+from .constants import ConstantsModule, float64_default
 from .harmonics import reduced_coefficients
 
 __all__ = ["resolve_num_taps", "tap_angles", "TapCombiner"]
@@ -51,10 +51,11 @@ def _reduced_roll_wigner(lmax: int, mmax: int, angles: torch.Tensor) -> torch.Te
     kept = torch.tensor(reduced_coefficients(lmax, mmax))
     rotations = roll_about_y(angles)
     blocks = []
-    for rotation in rotations:
-        alpha, beta, gamma = o3.matrix_to_angles(rotation)
-        full = torch.block_diag(*[o3.wigner_D(l, alpha, beta, gamma) for l in range(lmax + 1)])
-        blocks.append(full[kept][:, kept])
+    with float64_default():
+        for rotation in rotations:
+            alpha, beta, gamma = o3.matrix_to_angles(rotation)
+            full = torch.block_diag(*[o3.wigner_D(l, alpha, beta, gamma) for l in range(lmax + 1)])
+            blocks.append(full[kept][:, kept])
     return torch.stack(blocks)
 
 
