@@ -70,6 +70,8 @@ class MessageBlock(nn.Module):
         self.edge_in = nn.Linear(2 * kept * channels, hidden_channels)
         self.hidden = nn.Linear(hidden_channels, hidden_channels)
         self.edge_out = nn.Linear(hidden_channels, kept * channels)
+        # A module (not a function) so that tests can make F_e linear and check exact symmetries.
+        self.activation: nn.Module = nn.SiLU()
 
     def _tap_input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``edge_in`` applied after each tap's roll, folded into one ``[T*H, 2*K*C']`` weight.
@@ -104,18 +106,19 @@ class MessageBlock(nn.Module):
         """
         num_edges = edge_index.shape[1]
         taps = self.taps.num_taps
-        gate = silu(self.edge_gate(edge_features))
+        act = self.activation
+        gate = act(self.edge_gate(edge_features))
         rotated_source = torch.bmm(wigner, x[edge_index[0]])
         rotated_target = torch.bmm(wigner, x[edge_index[1]])
         pair = torch.cat([rotated_source.flatten(1), rotated_target.flatten(1)], dim=1)
         if taps == 1:
-            h = silu(self.edge_in(pair)).view(num_edges, 1, self.hidden_channels)
+            h = act(self.edge_in(pair)).view(num_edges, 1, self.hidden_channels)
         else:
             weight, bias = self._tap_input_weights()
-            h = silu(nn.functional.linear(pair, weight, bias)).view(num_edges, taps, self.hidden_channels)
+            h = act(nn.functional.linear(pair, weight, bias)).view(num_edges, taps, self.hidden_channels)
         h = h * gate.unsqueeze(1)
-        h = silu(self.hidden(h))
-        out = silu(self.edge_out(h)).view(num_edges, taps, len(self.kept), self.channels)
+        h = act(self.hidden(h))
+        out = act(self.edge_out(h)).view(num_edges, taps, len(self.kept), self.channels)
         combined = self.taps.combine_taps(out)
         return torch.bmm(wigner.transpose(1, 2), combined)
 

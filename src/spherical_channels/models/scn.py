@@ -198,7 +198,7 @@ class SCN(nn.Module):
     ) -> EdgeData:
         """Ranks, resolution groups and frames for given edges ``[2, E]`` and vectors ``[E, 3]``."""
         distance = torch.linalg.vector_norm(vectors, dim=-1)
-        rank = neighbor_ranks(distance.detach(), edge_index[1], num_atoms)
+        rank = neighbor_ranks(distance.detach(), edge_index[1], num_atoms, self.max_num_neighbors)
         resolution = torch.zeros_like(rank)
         for boundary in self.rank_boundaries:
             resolution += (rank >= boundary).long()

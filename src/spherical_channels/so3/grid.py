@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from e3nn.o3 import FromS2Grid, ToS2Grid
 
-from .constants import ConstantsModule
+from .constants import ConstantsModule, float64_default
 from .harmonics import num_coefficients
 
 __all__ = ["SphericalGrid", "grid_resolution"]
@@ -47,10 +47,14 @@ class SphericalGrid(ConstantsModule):
         self.num_points = res_beta * res_alpha
         basis = num_coefficients(lmax)
 
+        with float64_default():  # e3nn builds parts of its grids in the default dtype
+            to_grids = [
+                ToS2Grid(lmax - b, self.resolution, normalization="integral", dtype=torch.float64)
+                for b in range(num_bands)
+            ]
+            from_grid = FromS2Grid(self.resolution, lmax, normalization="integral", dtype=torch.float64)
         bands = []
-        for band in range(num_bands):
-            l_band = lmax - band
-            to_grid = ToS2Grid(l_band, self.resolution, normalization="integral", dtype=torch.float64)
+        for to_grid in to_grids:
             # value[beta, alpha] = sum_m sha[alpha, m] sum_i shb[m, beta, i] x[i]
             dense = torch.einsum("am,mbi->bai", to_grid.sha.double(), to_grid.shb.double())
             dense = dense.reshape(self.num_points, -1)
@@ -60,7 +64,6 @@ class SphericalGrid(ConstantsModule):
         # [num_bands * P, basis], rows ordered (point, band) so a reshape gives band-minor features
         to_matrix = torch.stack(bands, dim=1).reshape(self.num_points * num_bands, basis)
 
-        from_grid = FromS2Grid(self.resolution, lmax, normalization="integral", dtype=torch.float64)
         # x[i] = sum_{beta, m} shb[m, beta, i] sum_alpha sha[alpha, m] value[beta, alpha]
         from_matrix = torch.einsum("mbi,am->iba", from_grid.shb.double(), from_grid.sha.double())
         from_matrix = from_matrix.reshape(basis, self.num_points)

@@ -20,13 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-from e3nn import o3
-
-from .frames import roll_about_y
-from .constants import ConstantsModule, float64_default
+from .constants import ConstantsModule
 from .harmonics import reduced_coefficients
 
-__all__ = ["resolve_num_taps", "tap_angles", "TapCombiner"]
+__all__ = ["resolve_num_taps", "tap_angles", "roll_wigner", "TapCombiner"]
 
 
 def resolve_num_taps(num_taps: int, mmax: int) -> int:
@@ -46,17 +43,25 @@ def tap_angles(num_taps: int) -> torch.Tensor:
     return torch.arange(num_taps, dtype=torch.float64) * (2.0 * math.pi / num_taps)
 
 
-def _reduced_roll_wigner(lmax: int, mmax: int, angles: torch.Tensor) -> torch.Tensor:
-    """D of each roll restricted to the kept coefficients, float64 ``[T, K, K]``."""
-    kept = torch.tensor(reduced_coefficients(lmax, mmax))
-    rotations = roll_about_y(angles)
-    blocks = []
-    with float64_default():
-        for rotation in rotations:
-            alpha, beta, gamma = o3.matrix_to_angles(rotation)
-            full = torch.block_diag(*[o3.wigner_D(l, alpha, beta, gamma) for l in range(lmax + 1)])
-            blocks.append(full[kept][:, kept])
-    return torch.stack(blocks)
+def roll_wigner(lmax: int, mmax: int, angles: torch.Tensor) -> torch.Tensor:
+    """Wigner-D of rolls about the polar axis (:func:`~.frames.roll_about_y`), restricted to
+    the kept coefficients: float64 ``[T, K, K]``.
+
+    A roll by phi acts on each pair (l, -m), (l, m) as [[cos m phi, -sin m phi],
+    [sin m phi, cos m phi]] and leaves m = 0 alone (checked against e3nn in the tests). Written
+    in closed form so the constants are exact in float64.
+    """
+    kept = reduced_coefficients(lmax, mmax)
+    position = {index: k for k, index in enumerate(kept)}
+    out = torch.zeros(len(angles), len(kept), len(kept), dtype=torch.float64)
+    for l in range(lmax + 1):
+        out[:, position[l * l + l], position[l * l + l]] = 1.0
+        for m in range(1, min(l, mmax) + 1):
+            minus, plus = position[l * l + l - m], position[l * l + l + m]
+            c, s = torch.cos(m * angles), torch.sin(m * angles)
+            out[:, minus, minus], out[:, minus, plus] = c, -s
+            out[:, plus, minus], out[:, plus, plus] = s, c
+    return out
 
 
 class TapCombiner(ConstantsModule):
@@ -73,9 +78,7 @@ class TapCombiner(ConstantsModule):
         self.lmax, self.mmax = lmax, mmax
         self.num_taps = resolve_num_taps(num_taps, mmax)
         self.num_kept = len(reduced_coefficients(lmax, mmax))
-        wigner = _reduced_roll_wigner(lmax, mmax, tap_angles(self.num_taps))
-        # Entries that are mathematically 0 or +-1 come out of Euler angles with 1e-16 noise.
-        wigner = torch.where(wigner.abs() < 1e-12, torch.zeros_like(wigner), wigner)
+        wigner = roll_wigner(lmax, mmax, tap_angles(self.num_taps))
         combine = wigner.reshape(self.num_taps * self.num_kept, self.num_kept) / self.num_taps
         self.register_constant("tap_wigner", wigner)
         self.register_constant("combine", combine)

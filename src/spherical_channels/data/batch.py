@@ -1,0 +1,306 @@
+"""A batch of atomic structures as flat tensors (the layout the SCN model consumes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    import ase
+
+__all__ = ["AtomicBatch"]
+
+# Relative volume below which a cell counts as singular: |det| <= tol * |a||b||c|
+# (i.e. the cell vectors are (nearly) linearly dependent, independent of the cell size).
+_SINGULAR_REL_TOL = 1e-6
+# Cell vectors shorter than this (Angstrom) count as zero.
+_ZERO_VECTOR_TOL = 1e-6
+# At most this many atom indices are listed in an error message.
+_MAX_LISTED = 10
+
+_FLOAT_FIELDS = ("positions", "cell", "energy", "forces")
+
+
+def _fmt_indices(idx: Sequence[int]) -> str:
+    idx = list(idx)
+    text = ", ".join(str(i) for i in idx[:_MAX_LISTED])
+    if len(idx) > _MAX_LISTED:
+        text += f", ... ({len(idx)} in all)"
+    return f"[{text}]"
+
+
+@dataclass
+class AtomicBatch:
+    """S structures with N atoms in all, concatenated.
+
+    Attributes:
+        positions: [N, 3] float, Cartesian positions (Angstrom); need not be wrapped.
+        atomic_numbers: [N] long.
+        cell: [S, 3, 3] float, cell vectors as rows (Angstrom). May be zero for a
+            structure that is periodic along no axis.
+        pbc: [S, 3] bool, periodicity per cell axis.
+        natoms: [S] long, atoms per structure.
+        batch: [N] long, structure index of each atom (non-decreasing).
+        fixed: [N] bool, atoms held by an ASE ``FixAtoms`` constraint.
+        tags: [N] long, OC20 tags (0 sub-surface, 1 surface, 2 adsorbate); 0 if absent.
+        energy: [S] float target energies, or None.
+        forces: [N, 3] float target forces, or None.
+    """
+
+    positions: torch.Tensor
+    atomic_numbers: torch.Tensor
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    natoms: torch.Tensor
+    batch: torch.Tensor
+    fixed: torch.Tensor
+    tags: torch.Tensor
+    energy: Optional[torch.Tensor] = None
+    forces: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms_list: Sequence[ase.Atoms],
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+    ) -> "AtomicBatch":
+        """Batch ASE structures.
+
+        ``energy`` / ``forces`` are read from the results stored on ``atoms.calc``
+        (e.g. a SinglePointCalculator, as ``ase.io.read`` attaches); they are set only
+        if every structure has them, else None. Calls :meth:`validate`.
+        """
+        from ase.constraints import FixAtoms
+
+        atoms_list = list(atoms_list)
+        if not atoms_list:
+            raise ValueError("AtomicBatch.from_atoms: empty list of structures")
+
+        positions, numbers, cells, pbcs, natoms, fixed, tags = [], [], [], [], [], [], []
+        energies: list[Optional[float]] = []
+        forces: list[Optional[np.ndarray]] = []
+        for atoms in atoms_list:
+            n = len(atoms)
+            positions.append(np.asarray(atoms.get_positions(), dtype=np.float64).reshape(n, 3))
+            numbers.append(np.asarray(atoms.get_atomic_numbers(), dtype=np.int64))
+            cells.append(np.asarray(atoms.cell.array, dtype=np.float64))
+            pbcs.append(np.asarray(atoms.pbc, dtype=bool))
+            natoms.append(n)
+            fix = np.zeros(n, dtype=bool)
+            for constraint in atoms.constraints:
+                if isinstance(constraint, FixAtoms):
+                    fix[np.asarray(constraint.get_indices(), dtype=np.int64)] = True
+            fixed.append(fix)
+            tags.append(np.asarray(atoms.get_tags(), dtype=np.int64))
+            # Read stored results directly: calling get_potential_energy() could
+            # trigger a (possibly expensive) calculation.
+            results = getattr(atoms.calc, "results", None) or {}
+            e = results.get("energy")
+            energies.append(None if e is None else float(np.asarray(e).reshape(())))
+            f = results.get("forces")
+            forces.append(None if f is None else np.asarray(f, dtype=np.float64).reshape(-1, 3))
+
+        counts = torch.tensor(natoms, dtype=torch.long)
+        out = cls(
+            positions=torch.from_numpy(np.concatenate(positions)).to(dtype),
+            atomic_numbers=torch.from_numpy(np.concatenate(numbers)),
+            cell=torch.from_numpy(np.stack(cells)).to(dtype),
+            pbc=torch.from_numpy(np.stack(pbcs)),
+            natoms=counts,
+            batch=torch.repeat_interleave(torch.arange(len(atoms_list)), counts),
+            fixed=torch.from_numpy(np.concatenate(fixed)),
+            tags=torch.from_numpy(np.concatenate(tags)),
+            energy=(
+                torch.tensor(energies, dtype=dtype)
+                if all(e is not None for e in energies)
+                else None
+            ),
+            forces=(
+                torch.from_numpy(np.concatenate(forces)).to(dtype)
+                if all(f is not None for f in forces)
+                else None
+            ),
+        )
+        out.validate()
+        return out.to(device=device) if device is not None else out
+
+    @classmethod
+    def concatenate(cls, batches: Sequence["AtomicBatch"]) -> "AtomicBatch":
+        """Join batches into one (structures in order). Targets are kept only if all
+        batches have them. Tensors must share device and float dtype."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("AtomicBatch.concatenate: empty list of batches")
+        offsets = torch.cumsum(torch.tensor([0] + [b.num_structures for b in batches[:-1]]), 0)
+        energy = (
+            torch.cat([b.energy for b in batches])
+            if all(b.energy is not None for b in batches)
+            else None
+        )
+        forces = (
+            torch.cat([b.forces for b in batches])
+            if all(b.forces is not None for b in batches)
+            else None
+        )
+        return cls(
+            positions=torch.cat([b.positions for b in batches]),
+            atomic_numbers=torch.cat([b.atomic_numbers for b in batches]),
+            cell=torch.cat([b.cell for b in batches]),
+            pbc=torch.cat([b.pbc for b in batches]),
+            natoms=torch.cat([b.natoms for b in batches]),
+            batch=torch.cat([b.batch + int(o) for b, o in zip(batches, offsets)]),
+            fixed=torch.cat([b.fixed for b in batches]),
+            tags=torch.cat([b.tags for b in batches]),
+            energy=energy,
+            forces=forces,
+        )
+
+    def split(self) -> list["AtomicBatch"]:
+        """One single-structure batch per structure."""
+        sizes = self.natoms.tolist()
+
+        def per_atom(t: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+            return [None] * len(sizes) if t is None else list(torch.split(t, sizes))
+
+        out = []
+        for s, (pos, z, fix, tag, frc) in enumerate(
+            zip(
+                per_atom(self.positions),
+                per_atom(self.atomic_numbers),
+                per_atom(self.fixed),
+                per_atom(self.tags),
+                per_atom(self.forces),
+            )
+        ):
+            out.append(
+                AtomicBatch(
+                    positions=pos,
+                    atomic_numbers=z,
+                    cell=self.cell[s : s + 1],
+                    pbc=self.pbc[s : s + 1],
+                    natoms=self.natoms[s : s + 1],
+                    batch=torch.zeros_like(z),
+                    fixed=fix,
+                    tags=tag,
+                    energy=None if self.energy is None else self.energy[s : s + 1],
+                    forces=frc,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ conversion
+    def to(
+        self,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "AtomicBatch":
+        """New batch on ``device``; float tensors cast to ``dtype``, integer/bool unchanged."""
+        changes = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is None:
+                continue
+            if f.name in _FLOAT_FIELDS:
+                changes[f.name] = t.to(device=device, dtype=dtype)
+            else:
+                changes[f.name] = t.to(device=device)
+        return replace(self, **changes)
+
+    @property
+    def num_structures(self) -> int:
+        return int(self.natoms.shape[0])
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.positions.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_structures
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ValueError (naming the structure and atoms) for malformed input."""
+        n, s = self.num_atoms, self.num_structures
+        expect = {
+            "positions": (n, 3),
+            "atomic_numbers": (n,),
+            "cell": (s, 3, 3),
+            "pbc": (s, 3),
+            "natoms": (s,),
+            "batch": (n,),
+            "fixed": (n,),
+            "tags": (n,),
+            "energy": (s,),
+            "forces": (n, 3),
+        }
+        if self.positions.dim() != 2 or self.positions.shape[1] != 3:
+            raise ValueError(f"positions must have shape [N, 3], got {tuple(self.positions.shape)}")
+        for name, shape in expect.items():
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, expected {shape} "
+                    f"for {s} structures with {n} atoms in all"
+                )
+        if int(self.natoms.sum()) != n:
+            raise ValueError(f"natoms sums to {int(self.natoms.sum())} but there are {n} atoms")
+        empty = torch.nonzero(self.natoms <= 0).flatten().tolist()
+        if empty:
+            raise ValueError(f"structure {empty[0]} has no atoms")
+        expected_batch = torch.repeat_interleave(
+            torch.arange(s, device=self.natoms.device), self.natoms
+        )
+        if not torch.equal(self.batch.to(expected_batch.device), expected_batch):
+            raise ValueError(
+                "batch index does not match natoms (atoms must be grouped by structure, in order)"
+            )
+
+        start = torch.cumsum(self.natoms, 0) - self.natoms  # [S] first atom of each structure
+
+        def per_structure_error(bad_atoms: torch.Tensor, what: str) -> None:
+            # bad_atoms: [N] bool; report the first structure that has any
+            idx = torch.nonzero(bad_atoms).flatten()
+            if idx.numel() == 0:
+                return
+            st = int(self.batch[idx[0]])
+            local = (idx[self.batch[idx] == st] - start[st]).tolist()
+            raise ValueError(f"structure {st}: {what} for atoms {_fmt_indices(local)}")
+
+        per_structure_error(~torch.isfinite(self.positions).all(dim=1), "non-finite (NaN/inf) positions")
+        per_structure_error(self.atomic_numbers < 1, "atomic numbers < 1")
+        if self.forces is not None:
+            per_structure_error(~torch.isfinite(self.forces).all(dim=1), "non-finite (NaN/inf) forces")
+
+        bad_cell = torch.nonzero(~torch.isfinite(self.cell).flatten(1).all(dim=1)).flatten()
+        if bad_cell.numel():
+            raise ValueError(f"structure {int(bad_cell[0])}: cell has non-finite (NaN/inf) entries")
+
+        cell = self.cell.detach().to(torch.float64)
+        norms = torch.linalg.vector_norm(cell, dim=2)  # [S, 3]
+        zero_periodic = self.pbc & (norms <= _ZERO_VECTOR_TOL)
+        if zero_periodic.any():
+            st, ax = torch.nonzero(zero_periodic)[0].tolist()
+            raise ValueError(
+                f"structure {st}: axis {ax} is periodic (pbc={self.pbc[st].tolist()}) "
+                f"but its cell vector is zero"
+            )
+        any_pbc = self.pbc.any(dim=1)
+        if any_pbc.any():
+            det = torch.linalg.det(cell).abs()
+            singular = any_pbc & (det <= _SINGULAR_REL_TOL * norms.prod(dim=1))
+            if singular.any():
+                st = int(torch.nonzero(singular)[0])
+                raise ValueError(
+                    f"structure {st}: cell is singular (det = {float(det[st]):.3g}) "
+                    f"but the structure is periodic (pbc={self.pbc[st].tolist()}); "
+                    f"give every axis a non-zero, independent cell vector"
+                )
+        if self.energy is not None:
+            bad = torch.nonzero(~torch.isfinite(self.energy)).flatten()
+            if bad.numel():
+                raise ValueError(f"structure {int(bad[0])}: non-finite energy")
