@@ -243,6 +243,8 @@ class SCN(nn.Module):
         self.check_inputs(batch)
         conservative = self.regress_forces and not self.direct_forces
         positions = batch.positions
+        # A caller that differentiates wrt positions itself needs the graph kept.
+        caller_grad = positions.requires_grad
         with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
             if conservative and not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
@@ -250,7 +252,11 @@ class SCN(nn.Module):
             out = self.predict(batch, edges)
             if conservative:
                 (grad,) = torch.autograd.grad(
-                    out["energy"].sum(), positions, create_graph=self.training, allow_unused=True
+                    out["energy"].sum(),
+                    positions,
+                    create_graph=self.training,
+                    retain_graph=self.training or caller_grad,
+                    allow_unused=True,
                 )
                 out["forces"] = -grad if grad is not None else torch.zeros_like(positions)
         return out
