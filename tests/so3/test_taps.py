@@ -24,7 +24,7 @@ def test_number_of_taps() -> None:
 def test_mmax1_combination_is_the_official_one() -> None:
     """Paper eqs. 7-9 as the official code writes them for mmax = 1 and 4 taps."""
     lmax = 4
-    taps = TapCombiner(lmax, 1, -1).double()
+    taps = TapCombiner(lmax, 1, -1).double()  # official coefficient order
     k, t = taps.num_kept, 4
     angles = [0.0, 0.5 * math.pi, math.pi, 1.5 * math.pi]
     expected = torch.zeros(t * k, k, dtype=torch.float64)
@@ -42,7 +42,7 @@ def test_mmax1_combination_is_the_official_one() -> None:
 
 
 def message_with_frames(block: MessageBlock, x, edge_features, edge_index, frames) -> torch.Tensor:
-    wigner = WignerD(block.lmax, reduced_coefficients(block.lmax, block.mmax)).double()
+    wigner = WignerD(block.lmax, block.kept).double()
     return block(x, edge_features, edge_index, wigner(frames))
 
 

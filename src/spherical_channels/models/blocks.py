@@ -13,7 +13,12 @@ from torch.nn.functional import silu
 
 from ..so3.constants import ConstantsModule
 from ..so3.grid import SphericalGrid
-from ..so3.harmonics import num_coefficients, reduced_coefficients, spherical_harmonics
+from ..so3.harmonics import (
+    grouped_reduced_coefficients,
+    num_coefficients,
+    reduced_coefficients,
+    spherical_harmonics,
+)
 from ..so3.sphere_points import density_weights, fibonacci_points
 from ..so3.taps import TapCombiner
 
@@ -43,11 +48,52 @@ class EdgeEmbedding(nn.Module):
         return silu(self.mix(silu(h)))
 
 
+class _GatherRotate(torch.autograd.Function):
+    """``out[e] = D[e] @ x[index[e]]`` without keeping the gathered ``x[index]`` for backward.
+
+    The gathered tensor is ``[E, (L+1)^2, C]``, the largest per-edge tensor of a layer; autograd
+    of ``bmm(D, x[index])`` would keep one per call. Here only ``D``, ``x`` and ``index`` (alive
+    anyway) are saved and the gather is redone in backward. The backward is written with
+    differentiable operations, so double backward (training with conservative forces) works.
+    """
+
+    @staticmethod
+    def forward(ctx, wigner: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(wigner, x, index)
+        return torch.bmm(wigner, x[index])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        wigner, x, index = ctx.saved_tensors
+        grad_wigner = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_wigner = torch.bmm(grad, x[index].transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.zeros_like(x).index_add(0, index, torch.bmm(wigner.transpose(1, 2), grad))
+        return grad_wigner, grad_x, None
+
+
+def gather_rotate(wigner: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[E, K, B] @ x[index]`` with ``x [N, B, C]``, ``index [E]`` -> ``[E, K, C]``."""
+    return _GatherRotate.apply(wigner, x, index)
+
+
 class MessageBlock(nn.Module):
     """Messages of one resolution (paper eq. 2 with taps, eqs. 6-9).
 
     For each edge s -> t: rotate x_s and x_t into the edge frame keeping |m| <= mmax, evaluate
     F_e at every tap roll, combine the taps, rotate back.
+
+    Parameters keep the official layouts (``edge_in`` columns ordered (source/target,
+    coefficient, channel) over :func:`reduced_coefficients`; ``edge_out`` rows (coefficient,
+    channel)). Internally the coefficients are ordered by :func:`grouped_reduced_coefficients`
+    (``self.kept``; the Wigner rows passed in must follow it), which makes the taps cheap:
+    a roll by phi maps the (l, -m), (l, m) pair to (c x_- - s x_+, s x_- + c x_+) with
+    c = cos(m phi), s = sin(m phi), so ``edge_in`` at tap t is
+
+        W x_t = W_0 x_0 + sum_m [cos(m phi_t) (W_-m x_-m + W_m x_m) + sin(m phi_t) (W_m x_-m - W_-m x_m)]
+
+    i.e. 1 + 2 mmax products with column blocks instead of 4 mmax products with all columns.
     """
 
     def __init__(
@@ -63,9 +109,16 @@ class MessageBlock(nn.Module):
         self.lmax, self.mmax = lmax, mmax
         self.channels, self.hidden_channels = channels, hidden_channels
         self.num_coefficients = num_coefficients(lmax)
-        self.kept = reduced_coefficients(lmax, mmax)
+        self.kept = grouped_reduced_coefficients(lmax, mmax)
+        official = reduced_coefficients(lmax, mmax)
+        position = {index: k for k, index in enumerate(official)}
+        self.register_buffer(
+            "official_position", torch.tensor([position[i] for i in self.kept]), persistent=False
+        )
         kept = len(self.kept)
-        self.taps = TapCombiner(lmax, mmax, num_taps)
+        # column blocks of the grouped coefficients: m = 0, then (-m, +m) for m = 1..mmax
+        self.group_sizes = [lmax + 1] + [lmax + 1 - m for m in range(1, mmax + 1)]
+        self.taps = TapCombiner(lmax, mmax, num_taps, coefficients=self.kept)
         self.edge_gate = nn.Linear(num_basis, hidden_channels)
         self.edge_in = nn.Linear(2 * kept * channels, hidden_channels)
         self.hidden = nn.Linear(hidden_channels, hidden_channels)
@@ -73,19 +126,33 @@ class MessageBlock(nn.Module):
         # A module (not a function) so that tests can make F_e linear and check exact symmetries.
         self.activation: nn.Module = nn.SiLU()
 
-    def _tap_input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``edge_in`` applied after each tap's roll, folded into one ``[T*H, 2*K*C']`` weight.
-
-        Rolling the rotated coefficients by tap t is the constant map ``tap_wigner[t]``, so
-        ``W (D_t x) = (W D_t) x``: one matrix product serves all taps and the rotation itself is
-        done once per edge instead of once per tap.
-        """
+    def _input_weight(self) -> torch.Tensor:
+        """``edge_in.weight`` with columns in the internal order (coefficient, source/target,
+        channel): ``[H, K * 2 * C']``."""
         h, k, c = self.hidden_channels, len(self.kept), self.channels
-        weight = self.edge_in.weight.view(h, 2, k, c)
-        tap_wigner = self.taps.tap_wigner.to(weight.dtype)
-        folded = torch.einsum("hsjc,tji->thsic", weight, tap_wigner)
-        bias = self.edge_in.bias.repeat(self.taps.num_taps)
-        return folded.reshape(self.taps.num_taps * h, 2 * k * c), bias
+        weight = self.edge_in.weight.view(h, 2, k, c)[:, :, self.official_position]
+        return weight.transpose(1, 2).reshape(h, 2 * k * c)
+
+    def _tap_inputs(self, pair: torch.Tensor) -> torch.Tensor:
+        """``edge_in`` at every tap: ``[E, K * 2 * C']`` -> ``[E, T, H]`` (before activation)."""
+        weight, bias = self._input_weight(), self.edge_in.bias
+        width = 2 * self.channels  # columns per coefficient
+        if self.taps.num_taps == 1:
+            return nn.functional.linear(pair, weight, bias).unsqueeze(1)
+        n0 = self.group_sizes[0] * width
+        terms = [nn.functional.linear(pair[:, :n0], weight[:, :n0], bias)]
+        start = n0
+        for size in self.group_sizes[1:]:
+            n = size * width
+            w_minus, w_plus = weight[:, start : start + n], weight[:, start + n : start + 2 * n]
+            block = torch.cat(
+                [torch.cat([w_minus, w_plus], dim=1), torch.cat([w_plus, -w_minus], dim=1)], dim=0
+            )
+            both = nn.functional.linear(pair[:, start : start + 2 * n], block)  # [E, 2H]: A_m, B_m
+            terms.extend(both.chunk(2, dim=1))
+            start += 2 * n
+        terms = torch.stack(terms, dim=1)  # [E, 1 + 2 mmax, H]
+        return torch.matmul(self.taps.harmonic_weights.to(terms.dtype), terms)
 
     def forward(
         self,
@@ -99,26 +166,24 @@ class MessageBlock(nn.Module):
             x: ``[N, (L+1)^2, C']`` node coefficients (this resolution's degrees only).
             edge_features: ``[E, B]`` invariant edge features.
             edge_index: ``[2, E]`` (source, target).
-            wigner: ``[E, K, (L+1)^2]`` kept rows of each edge frame's Wigner-D.
+            wigner: ``[E, K, (L+1)^2]`` rows ``self.kept`` of each edge frame's Wigner-D.
 
         Returns:
             ``[E, (L+1)^2, C']`` messages in the global frame.
         """
         num_edges = edge_index.shape[1]
-        taps = self.taps.num_taps
+        k, c = len(self.kept), self.channels
         act = self.activation
         gate = act(self.edge_gate(edge_features))
-        rotated_source = torch.bmm(wigner, x[edge_index[0]])
-        rotated_target = torch.bmm(wigner, x[edge_index[1]])
-        pair = torch.cat([rotated_source.flatten(1), rotated_target.flatten(1)], dim=1)
-        if taps == 1:
-            h = act(self.edge_in(pair)).view(num_edges, 1, self.hidden_channels)
-        else:
-            weight, bias = self._tap_input_weights()
-            h = act(nn.functional.linear(pair, weight, bias)).view(num_edges, taps, self.hidden_channels)
+        rotated = torch.stack(
+            [gather_rotate(wigner, x, edge_index[0]), gather_rotate(wigner, x, edge_index[1])], dim=2
+        )  # [E, K, 2, C']
+        h = act(self._tap_inputs(rotated.reshape(num_edges, k * 2 * c)))  # [E, T, H]
         h = h * gate.unsqueeze(1)
         h = act(self.hidden(h))
-        out = act(self.edge_out(h)).view(num_edges, taps, len(self.kept), self.channels)
+        out_weight = self.edge_out.weight.view(k, c, -1)[self.official_position].reshape(k * c, -1)
+        out_bias = self.edge_out.bias.view(k, c)[self.official_position].reshape(k * c)
+        out = act(nn.functional.linear(h, out_weight, out_bias)).view(num_edges, self.taps.num_taps, k, c)
         combined = self.taps.combine_taps(out)
         return torch.bmm(wigner.transpose(1, 2), combined)
 

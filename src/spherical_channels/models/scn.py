@@ -17,7 +17,7 @@ from torch import nn
 from ..data.batch import AtomicBatch
 from ..data.neighbors import Graph, build_graph, edge_vectors, neighbor_ranks
 from ..so3.frames import ROLL_MODES, edge_frames
-from ..so3.harmonics import num_coefficients, reduced_coefficients
+from ..so3.harmonics import grouped_reduced_coefficients, num_coefficients
 from ..so3.wigner import WignerD
 from .basis import make_distance_expansion
 from .blocks import InteractionBlock, OutputMLP, SphereSampler
@@ -133,7 +133,7 @@ class SCN(nn.Module):
             distance_function, cutoff, distance_resolution, basis_width_scalar
         )
         self.wigner = nn.ModuleList(
-            WignerD(l, rows=reduced_coefficients(l, mmax)) for l in self.lmax_list
+            WignerD(l, rows=grouped_reduced_coefficients(l, mmax)) for l in self.lmax_list
         )
         self.interactions = nn.ModuleList(
             InteractionBlock(

@@ -13,6 +13,7 @@ __all__ = [
     "num_coefficients",
     "coefficient_index",
     "reduced_coefficients",
+    "grouped_reduced_coefficients",
     "coefficient_degrees",
     "coefficient_orders",
     "spherical_harmonics",
@@ -43,6 +44,22 @@ def reduced_coefficients(lmax: int, mmax: int) -> list[int]:
     for l in range(lmax + 1):
         mm = min(l, mmax)
         out.extend(coefficient_index(l, m) for m in range(-mm, mm + 1))
+    return out
+
+
+def grouped_reduced_coefficients(lmax: int, mmax: int) -> list[int]:
+    """The same coefficients as :func:`reduced_coefficients`, grouped by order:
+    all m = 0 (l increasing), then m = -1 for l >= 1, m = +1 for l >= 1, then m = -2, m = +2, ...
+
+    Within the -m and +m groups the degrees line up, so a roll about the polar axis (which mixes
+    (l, -m) with (l, m)) acts on two contiguous, aligned blocks.
+    """
+    if not 0 <= mmax <= lmax:
+        raise ValueError(f"mmax={mmax} must be in [0, lmax={lmax}]")
+    out = [coefficient_index(l, 0) for l in range(lmax + 1)]
+    for m in range(1, mmax + 1):
+        out.extend(coefficient_index(l, -m) for l in range(m, lmax + 1))
+        out.extend(coefficient_index(l, m) for l in range(m, lmax + 1))
     return out
 
 

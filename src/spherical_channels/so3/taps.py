@@ -18,6 +18,7 @@ roll-equivariant.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from .constants import ConstantsModule
@@ -43,15 +44,18 @@ def tap_angles(num_taps: int) -> torch.Tensor:
     return torch.arange(num_taps, dtype=torch.float64) * (2.0 * math.pi / num_taps)
 
 
-def roll_wigner(lmax: int, mmax: int, angles: torch.Tensor) -> torch.Tensor:
+def roll_wigner(
+    lmax: int, mmax: int, angles: torch.Tensor, coefficients: Sequence[int] | None = None
+) -> torch.Tensor:
     """Wigner-D of rolls about the polar axis (:func:`~.frames.roll_about_y`), restricted to
     the kept coefficients: float64 ``[T, K, K]``.
 
     A roll by phi acts on each pair (l, -m), (l, m) as [[cos m phi, -sin m phi],
     [sin m phi, cos m phi]] and leaves m = 0 alone (checked against e3nn in the tests). Written
-    in closed form so the constants are exact in float64.
+    in closed form so the constants are exact in float64. ``coefficients``: the kept flat
+    indices in the order wanted (default: :func:`~.harmonics.reduced_coefficients`).
     """
-    kept = reduced_coefficients(lmax, mmax)
+    kept = list(coefficients) if coefficients is not None else reduced_coefficients(lmax, mmax)
     position = {index: k for k, index in enumerate(kept)}
     out = torch.zeros(len(angles), len(kept), len(kept), dtype=torch.float64)
     for l in range(lmax + 1):
@@ -67,21 +71,36 @@ def roll_wigner(lmax: int, mmax: int, angles: torch.Tensor) -> torch.Tensor:
 class TapCombiner(ConstantsModule):
     """Constants for evaluating a message at several rolls and combining the results.
 
+    Args:
+        lmax, mmax, num_taps: as in the model (``num_taps=-1``: 4 * mmax taps).
+        coefficients: the kept coefficients' flat indices, in the order the message block uses
+            (default: :func:`~.harmonics.reduced_coefficients`).
+
     Buffers:
         ``tap_wigner``: ``[T, K, K]``: kept coefficients in the edge frame -> in tap t's frame.
         ``combine``: ``[T * K, K]``: stacked tap outputs -> combined output, i.e.
         ``out[k] = sum_{t,j} F_t[j] * combine[t*K + j, k]`` (= mean_t D_t^T F_t).
+        ``harmonic_weights``: ``[T, 1 + 2 * mmax]``: ``(1, cos phi_t, sin phi_t, cos 2 phi_t,
+        sin 2 phi_t, ...)``; a function linear in the rolled coefficients is, at tap t, this
+        combination of 1 + 2 * mmax roll-independent terms (see ``MessageBlock``).
     """
 
-    def __init__(self, lmax: int, mmax: int, num_taps: int = -1) -> None:
+    def __init__(
+        self, lmax: int, mmax: int, num_taps: int = -1, coefficients: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         self.lmax, self.mmax = lmax, mmax
         self.num_taps = resolve_num_taps(num_taps, mmax)
         self.num_kept = len(reduced_coefficients(lmax, mmax))
-        wigner = roll_wigner(lmax, mmax, tap_angles(self.num_taps))
+        angles = tap_angles(self.num_taps)
+        wigner = roll_wigner(lmax, mmax, angles, coefficients)
         combine = wigner.reshape(self.num_taps * self.num_kept, self.num_kept) / self.num_taps
+        harmonics = [torch.ones_like(angles)]
+        for m in range(1, mmax + 1):
+            harmonics += [torch.cos(m * angles), torch.sin(m * angles)]
         self.register_constant("tap_wigner", wigner)
         self.register_constant("combine", combine)
+        self.register_constant("harmonic_weights", torch.stack(harmonics, dim=1))
 
     def combine_taps(self, messages: torch.Tensor) -> torch.Tensor:
         """``[E, T, K, C]`` tap outputs -> ``[E, K, C]`` combined message."""
