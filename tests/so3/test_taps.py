@@ -41,6 +41,34 @@ def test_mmax1_combination_is_the_official_one() -> None:
     torch.testing.assert_close(taps.combine, expected, atol=1e-15, rtol=0)
 
 
+@pytest.mark.parametrize("mmax,num_taps", [(1, -1), (2, -1), (3, -1), (1, 3), (2, 5), (2, 2), (1, 1)])
+@pytest.mark.parametrize("order", ["official", "grouped"])
+def test_combinations_equal_the_reference_map(mmax: int, num_taps: int, order: str) -> None:
+    """``combine_taps`` and, for identical taps, ``combine_identical_taps`` on its selected rows
+    equal the contraction with the reference ``combine`` matrix (mean_t D_t^T F_t)."""
+    from spherical_channels.so3.harmonics import grouped_reduced_coefficients
+
+    lmax = 5
+    kept = reduced_coefficients(lmax, mmax) if order == "official" else grouped_reduced_coefficients(lmax, mmax)
+    taps = TapCombiner(lmax, mmax, num_taps, coefficients=kept).double()
+    t, k, c, e = taps.num_taps, len(kept), 3, 7
+    g = torch.Generator().manual_seed(mmax)
+    messages = torch.randn(e, t, k, c, dtype=torch.float64, generator=g)
+    reference = torch.einsum("etjc,tjk->ekc", messages, taps.combine.view(t, k, k))
+    torch.testing.assert_close(taps.combine_taps(messages), reference, atol=1e-14, rtol=0)
+
+    same = messages[:, :1].expand(e, t, k, c)  # every tap the same output
+    reference = torch.einsum("etjc,tjk->ekc", same, taps.combine.view(t, k, k))
+    rows = taps.identical_taps_rows
+    got = taps.combine_identical_taps(same[:, 0, rows])
+    torch.testing.assert_close(got, reference[:, rows], atol=1e-14, rtol=0)
+    others = torch.ones(k, dtype=torch.bool)
+    others[rows] = False
+    assert torch.all(reference[:, others].abs() < 1e-14)  # rows not selected are zero
+    if num_taps == -1:  # equally spaced 4 mmax taps: only m = 0 survives
+        assert len(rows) == lmax + 1 and taps.identical_taps_select
+
+
 def message_with_frames(block: MessageBlock, x, edge_features, edge_index, frames) -> torch.Tensor:
     wigner = WignerD(block.lmax, block.kept).double()
     return block(x, edge_features, edge_index, wigner(frames))

@@ -1,6 +1,7 @@
 """The blocks of a Spherical Channel Network layer (paper section 2, Fig. 2).
 
-Shapes: N atoms, E edges, B = ``num_basis_functions``, C = ``sphere_channels``,
+Shapes: N atoms, E edges, G = distance expansion size, B = ``num_basis_functions``,
+C = ``sphere_channels``,
 C' = ``sphere_channels_reduce``, H = hidden channels of a resolution, K = number of kept
 coefficients (|m| <= mmax) of a resolution, T = taps, P = grid or sphere points.
 """
@@ -21,6 +22,7 @@ from ..so3.harmonics import (
 )
 from ..so3.sphere_points import density_weights, fibonacci_points
 from ..so3.taps import TapCombiner
+from .ops import gather_rotate_pair, rotate_scatter, silu_linear
 
 __all__ = ["EdgeEmbedding", "MessageBlock", "InteractionBlock", "OutputMLP", "SphereSampler"]
 
@@ -48,41 +50,29 @@ class EdgeEmbedding(nn.Module):
         return silu(self.mix(silu(h)))
 
 
-class _GatherRotate(torch.autograd.Function):
-    """``out[e] = D[e] @ x[index[e]]`` without keeping the gathered ``x[index]`` for backward.
+def act_linear(
+    activation: nn.Module,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``linear(activation(x) * scale, weight, bias)``; with SiLU, the memory-lean fused form.
 
-    The gathered tensor is ``[E, (L+1)^2, C]``, the largest per-edge tensor of a layer; autograd
-    of ``bmm(D, x[index])`` would keep one per call. Here only ``D``, ``x`` and ``index`` (alive
-    anyway) are saved and the gather is redone in backward. The backward is written with
-    differentiable operations, so double backward (training with conservative forces) works.
+    The activation is a module so that tests can swap it (``nn.Identity`` makes a block linear
+    and its symmetries exact).
     """
-
-    @staticmethod
-    def forward(ctx, wigner: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(wigner, x, index)
-        return torch.bmm(wigner, x[index])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        wigner, x, index = ctx.saved_tensors
-        grad_wigner = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_wigner = torch.bmm(grad, x[index].transpose(1, 2))
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.zeros_like(x).index_add(0, index, torch.bmm(wigner.transpose(1, 2), grad))
-        return grad_wigner, grad_x, None
-
-
-def gather_rotate(wigner: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[E, K, B] @ x[index]`` with ``x [N, B, C]``, ``index [E]`` -> ``[E, K, C]``."""
-    return _GatherRotate.apply(wigner, x, index)
+    if type(activation) is nn.SiLU:
+        return silu_linear(x, weight, bias, scale)
+    a = activation(x)
+    return nn.functional.linear(a if scale is None else a * scale, weight, bias)
 
 
 class MessageBlock(nn.Module):
-    """Messages of one resolution (paper eq. 2 with taps, eqs. 6-9).
+    """Messages of one resolution, summed at their targets (paper eq. 2 with taps, eqs. 6-9).
 
     For each edge s -> t: rotate x_s and x_t into the edge frame keeping |m| <= mmax, evaluate
-    F_e at every tap roll, combine the taps, rotate back.
+    F_e at every tap roll, combine the taps, rotate back, and sum at t.
 
     Parameters keep the official layouts (``edge_in`` columns ordered (source/target,
     coefficient, channel) over :func:`reduced_coefficients`; ``edge_out`` rows (coefficient,
@@ -94,6 +84,11 @@ class MessageBlock(nn.Module):
         W x_t = W_0 x_0 + sum_m [cos(m phi_t) (W_-m x_-m + W_m x_m) + sin(m phi_t) (W_m x_-m - W_-m x_m)]
 
     i.e. 1 + 2 mmax products with column blocks instead of 4 mmax products with all columns.
+
+    With ``scalar_input=True`` (SCN's first layer, whose input is an embedding of degree 0
+    only) the rotated input is ``(x_0, 0, ..., 0)`` for every tap, so F_e is evaluated once and
+    only the output rows the tap combination keeps are computed (the m = 0 rows for equally
+    spaced taps). The result is the same as the general path, up to rounding.
     """
 
     def __init__(
@@ -115,15 +110,13 @@ class MessageBlock(nn.Module):
         self.register_buffer(
             "official_position", torch.tensor([position[i] for i in self.kept]), persistent=False
         )
-        kept = len(self.kept)
         # column blocks of the grouped coefficients: m = 0, then (-m, +m) for m = 1..mmax
         self.group_sizes = [lmax + 1] + [lmax + 1 - m for m in range(1, mmax + 1)]
         self.taps = TapCombiner(lmax, mmax, num_taps, coefficients=self.kept)
         self.edge_gate = nn.Linear(num_basis, hidden_channels)
-        self.edge_in = nn.Linear(2 * kept * channels, hidden_channels)
+        self.edge_in = nn.Linear(2 * len(self.kept) * channels, hidden_channels)
         self.hidden = nn.Linear(hidden_channels, hidden_channels)
-        self.edge_out = nn.Linear(hidden_channels, kept * channels)
-        # A module (not a function) so that tests can make F_e linear and check exact symmetries.
+        self.edge_out = nn.Linear(hidden_channels, len(self.kept) * channels)
         self.activation: nn.Module = nn.SiLU()
 
     def _input_weight(self) -> torch.Tensor:
@@ -133,6 +126,15 @@ class MessageBlock(nn.Module):
         weight = self.edge_in.weight.view(h, 2, k, c)[:, :, self.official_position]
         return weight.transpose(1, 2).reshape(h, 2 * k * c)
 
+    def _output_weight(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``edge_out`` weight ``[R * C', H]`` and bias ``[R * C']`` for internal rows ``rows``
+        (default: all K), in the internal order."""
+        k, c = len(self.kept), self.channels
+        position = self.official_position if rows is None else self.official_position[rows]
+        weight = self.edge_out.weight.view(k, c, -1)[position].reshape(len(position) * c, -1)
+        bias = self.edge_out.bias.view(k, c)[position].reshape(-1)
+        return weight, bias
+
     def _tap_inputs(self, pair: torch.Tensor) -> torch.Tensor:
         """``edge_in`` at every tap: ``[E, K * 2 * C']`` -> ``[E, T, H]`` (before activation)."""
         weight, bias = self._input_weight(), self.edge_in.bias
@@ -140,19 +142,21 @@ class MessageBlock(nn.Module):
         if self.taps.num_taps == 1:
             return nn.functional.linear(pair, weight, bias).unsqueeze(1)
         n0 = self.group_sizes[0] * width
-        terms = [nn.functional.linear(pair[:, :n0], weight[:, :n0], bias)]
+        h = nn.functional.linear(pair[:, :n0], weight[:, :n0], bias).unsqueeze(1)  # [E, 1, H]
+        weights = self.taps.harmonic_weights.to(pair.dtype).unsqueeze(-1)  # [T, 1 + 2 mmax, 1]
         start = n0
-        for size in self.group_sizes[1:]:
+        for m, size in enumerate(self.group_sizes[1:], start=1):
             n = size * width
             w_minus, w_plus = weight[:, start : start + n], weight[:, start + n : start + 2 * n]
             block = torch.cat(
                 [torch.cat([w_minus, w_plus], dim=1), torch.cat([w_plus, -w_minus], dim=1)], dim=0
             )
             both = nn.functional.linear(pair[:, start : start + 2 * n], block)  # [E, 2H]: A_m, B_m
-            terms.extend(both.chunk(2, dim=1))
+            a_m, b_m = both.unsqueeze(1).chunk(2, dim=2)
+            h = torch.addcmul(h, weights[:, 2 * m - 1], a_m)  # + cos(m phi_t) A_m
+            h = torch.addcmul(h, weights[:, 2 * m], b_m)  # + sin(m phi_t) B_m
             start += 2 * n
-        terms = torch.stack(terms, dim=1)  # [E, 1 + 2 mmax, H]
-        return torch.matmul(self.taps.harmonic_weights.to(terms.dtype), terms)
+        return h
 
     def forward(
         self,
@@ -160,6 +164,7 @@ class MessageBlock(nn.Module):
         edge_features: torch.Tensor,
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
+        scalar_input: bool = False,
     ) -> torch.Tensor:
         """
         Args:
@@ -167,25 +172,35 @@ class MessageBlock(nn.Module):
             edge_features: ``[E, B]`` invariant edge features.
             edge_index: ``[2, E]`` (source, target).
             wigner: ``[E, K, (L+1)^2]`` rows ``self.kept`` of each edge frame's Wigner-D.
+            scalar_input: ``x`` is zero above degree 0 (see the class docstring).
 
         Returns:
-            ``[E, (L+1)^2, C']`` messages in the global frame.
+            ``[N, (L+1)^2, C']`` sum of the messages arriving at each node, global frame.
         """
-        num_edges = edge_index.shape[1]
+        num_edges, num_nodes = edge_index.shape[1], x.shape[0]
+        source, target = edge_index
         k, c = len(self.kept), self.channels
         act = self.activation
-        gate = act(self.edge_gate(edge_features))
-        rotated = torch.stack(
-            [gather_rotate(wigner, x, edge_index[0]), gather_rotate(wigner, x, edge_index[1])], dim=2
-        )  # [E, K, 2, C']
-        h = act(self._tap_inputs(rotated.reshape(num_edges, k * 2 * c)))  # [E, T, H]
-        h = h * gate.unsqueeze(1)
-        h = act(self.hidden(h))
-        out_weight = self.edge_out.weight.view(k, c, -1)[self.official_position].reshape(k * c, -1)
-        out_bias = self.edge_out.bias.view(k, c)[self.official_position].reshape(k * c)
-        out = act(nn.functional.linear(h, out_weight, out_bias)).view(num_edges, self.taps.num_taps, k, c)
-        combined = self.taps.combine_taps(out)
-        return torch.bmm(wigner.transpose(1, 2), combined)
+        gate = act(self.edge_gate(edge_features)).unsqueeze(1)  # [E, 1, H]
+        if scalar_input:
+            # D_00 = 1 and D_k0 = 0 otherwise: the rotated input is (x_0, 0, ...) at every tap.
+            pair = torch.cat([x[source, 0], x[target, 0]], dim=1)  # [E, 2C']
+            h = nn.functional.linear(pair, self._input_weight()[:, : 2 * c], self.edge_in.bias)
+            h = h.unsqueeze(1)  # [E, 1, H]
+            rows = self.taps.identical_taps_rows
+            out_weight, out_bias = self._output_weight(rows)
+        else:
+            rotated = gather_rotate_pair(wigner, x, source, target)  # [E, K, 2C']
+            h = self._tap_inputs(rotated.reshape(num_edges, k * 2 * c))  # [E, T, H]
+            out_weight, out_bias = self._output_weight()
+        h = act_linear(act, h, self.hidden.weight, self.hidden.bias, scale=gate)
+        out = act(act_linear(act, h, out_weight, out_bias))  # [E, T, R * C']
+        if scalar_input:
+            combined = self.taps.combine_identical_taps(out.view(num_edges, len(rows), c))
+            wigner = wigner.index_select(1, rows)
+        else:
+            combined = self.taps.combine_taps(out.view(num_edges, self.taps.num_taps, k, c))
+        return rotate_scatter(wigner, combined, target, num_nodes)
 
 
 class InteractionBlock(nn.Module):
@@ -233,10 +248,49 @@ class InteractionBlock(nn.Module):
                 nn.Linear(2 * sphere_channels_reduce, sphere_channels_reduce),
             )
 
+    def _first_grid_layer(self, x: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
+        """The first 1x1 layer applied to the grid samples of ``x`` and ``summed`` (every band):
+        ``[N, (L+1)^2, C']`` twice -> ``[P, N, F]`` pre-activations.
+
+        Sampling is linear, so the layer's channel mixing is applied to the coefficients first
+        and the bands are merged there (band b reads the first ``band_coefficients[b]``
+        coefficients through the same sampling matrix), then sampled once: the same values
+        as sampling then mixing, with several times fewer operations.
+        """
+        c, first = self.channels, self.grid_mlp[0]
+        bands = self.grid.num_bands
+        both = torch.cat([x, summed], dim=2).transpose(0, 1)  # [(L+1)^2, N, 2C']
+        # first.weight columns: (x: band, channel), then (summed: band, channel)
+        weight = first.weight.view(-1, 2, bands, c)
+        per_band = [weight[:, :, b].reshape(-1, 2 * c) for b in range(bands)]  # [F, 2C'] each
+        pieces, start = [], 0
+        for b in reversed(range(bands)):  # coefficient ranges read by bands 0..b
+            stop = self.grid.band_coefficients[b]
+            if stop > start:
+                pieces.append(nn.functional.linear(both[start:stop], sum(per_band[: b + 1])))
+            start = stop
+        mixed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [(L+1)^2, N, F]
+        num_coeff, num_nodes, features = mixed.shape
+        sampled = torch.addmm(
+            first.bias.repeat(num_nodes),
+            self.grid.sample_matrix.to(mixed.dtype),
+            mixed.reshape(num_coeff, num_nodes * features),
+        )
+        return sampled.view(-1, num_nodes, features)
+
     def aggregate(self, x: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
-        """Pointwise 1x1 network on the sphere (paper eq. 10): ``[N, (L+1)^2, C']`` twice -> once."""
-        samples = torch.cat([self.grid.to_grid(x), self.grid.to_grid(summed)], dim=-1)
-        return self.grid.from_grid(self.grid_mlp(samples))
+        """Pointwise 1x1 network on the sphere (paper eq. 10): ``[N, (L+1)^2, C']`` twice -> once.
+
+        Grid tensors are point-major ``[P, N, features]`` so that sampling and projecting back
+        are single matrix products.
+        """
+        mlp = self.grid_mlp
+        h = self._first_grid_layer(x, summed)
+        h = act_linear(mlp[1], h, mlp[2].weight, mlp[2].bias)
+        h = act_linear(mlp[3], h, mlp[4].weight, mlp[4].bias)  # [P, N, C']
+        num_points, num_nodes, c = h.shape
+        out = torch.mm(self.grid.from_matrix.to(h.dtype), h.reshape(num_points, num_nodes * c))
+        return out.view(-1, num_nodes, c).transpose(0, 1)
 
     def forward(
         self,
@@ -245,6 +299,7 @@ class InteractionBlock(nn.Module):
         atomic_numbers: torch.Tensor,
         edge_index: torch.Tensor,
         groups: list[tuple[slice, torch.Tensor]],
+        scalar_input: bool = False,
     ) -> torch.Tensor:
         """
         Args:
@@ -253,20 +308,28 @@ class InteractionBlock(nn.Module):
             atomic_numbers: ``[N]``.
             edge_index: ``[2, E]`` (source, target), edges grouped by resolution.
             groups: per resolution, ``(edge slice, wigner [E_r, K_r, (L_r+1)^2])``.
+            scalar_input: ``x`` is zero above degree 0 (the first layer).
 
         Returns:
             ``[N, (L+1)^2, C]`` update.
         """
-        num_atoms = x.shape[0]
         edge_features = self.edge_embedding(
             expanded_distance, atomic_numbers[edge_index[0]], atomic_numbers[edge_index[1]]
         )
         x_down = self.downsample(x) if self.resample else x
-        summed = torch.zeros_like(x_down)
+        summed = None
         for block, (edges, wigner) in zip(self.message_blocks, groups):
-            basis = block.num_coefficients
-            message = block(x_down[:, :basis], edge_features[edges], edge_index[:, edges], wigner)
-            summed[:, :basis] = summed[:, :basis].index_add(0, edge_index[1, edges], message)
+            message = block(
+                x_down[:, : block.num_coefficients],
+                edge_features[edges],
+                edge_index[:, edges],
+                wigner,
+                scalar_input=scalar_input,
+            )
+            missing = x_down.shape[1] - block.num_coefficients  # a lower-degree resolution
+            if missing:
+                message = nn.functional.pad(message, (0, 0, 0, missing))
+            summed = message if summed is None else summed + message
         out = self.aggregate(x_down, summed) if self.use_grid else summed
         return self.upsample(out) if self.resample else out
 

@@ -234,7 +234,8 @@ class SCN(nn.Module):
             for edges_r, wigner in zip(edges.resolution_slices, self.wigner)
         ]
         for layer, interaction in enumerate(self.interactions):
-            update = interaction(x, expanded, z, edges.edge_index, groups)
+            # The first layer's input is the degree-0 embedding: its messages take a cheaper path.
+            update = interaction(x, expanded, z, edges.edge_index, groups, scalar_input=layer == 0)
             x = update if layer == 0 else x + update
         return x
 

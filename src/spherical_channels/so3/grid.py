@@ -32,6 +32,9 @@ class SphericalGrid(ConstantsModule):
     ``from_grid``: ``[N, P, C]`` -> ``[N, (L+1)^2, C]``.
 
     ``from_grid(to_grid(x))`` is the identity on coefficients of degree <= L (one band).
+
+    Buffers: ``to_matrix [P * bands, B]`` (rows ordered (point, band)), ``sample_matrix [P, B]``
+    (band 0), ``from_matrix [B, P]``; ``band_coefficients[b]`` is how many coefficients band b reads.
     """
 
     def __init__(self, lmax: int, num_bands: int = 1) -> None:
@@ -70,6 +73,10 @@ class SphericalGrid(ConstantsModule):
 
         self.register_constant("to_matrix", to_matrix)
         self.register_constant("from_matrix", from_matrix)
+        # Band b samples the first num_coefficients(lmax - b) coefficients with the same matrix
+        # (e3nn's "integral" grids do not depend on lmax), which lets callers fold the bands.
+        self.register_constant("sample_matrix", bands[0])
+        self.band_coefficients = [num_coefficients(lmax - b) for b in range(num_bands)]
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, (L+1)^2, C]`` -> ``[N, P, num_bands * C]`` grid samples."""

@@ -26,6 +26,9 @@ from .harmonics import reduced_coefficients
 
 __all__ = ["resolve_num_taps", "tap_angles", "roll_wigner", "TapCombiner"]
 
+# cos / sin sums that vanish mathematically come out ~1e-17 in float64.
+_ZERO = 1e-12
+
 
 def resolve_num_taps(num_taps: int, mmax: int) -> int:
     """Number of taps: 1 if ``num_taps == 1`` or ``mmax == 0`` (nothing to combine), ``4 * mmax``
@@ -101,6 +104,28 @@ class TapCombiner(ConstantsModule):
         self.register_constant("tap_wigner", wigner)
         self.register_constant("combine", combine)
         self.register_constant("harmonic_weights", torch.stack(harmonics, dim=1))
+
+        # When every tap sees the same input (coefficients of degree 0 only: a roll leaves them
+        # unchanged), the combination is one [K, K] map, mean_t D_t^T. For equally spaced taps
+        # it keeps the m = 0 rows and zeroes the others; only the rows it keeps need computing.
+        mean = combine.view(self.num_taps, self.num_kept, self.num_kept).sum(0)
+        used = (mean.abs() > _ZERO).any(dim=1) | (mean.abs() > _ZERO).any(dim=0)
+        rows = torch.nonzero(used).flatten()
+        sub = mean[rows][:, rows]
+        self.identical_taps_select = bool(
+            torch.allclose(sub, torch.eye(len(rows), dtype=torch.float64), atol=_ZERO, rtol=0)
+        )
+        if not self.identical_taps_select:
+            rows = torch.arange(self.num_kept)
+            self.register_constant("identical_taps_map", mean)
+        self.register_buffer("identical_taps_rows", rows, persistent=False)
+
+    def combine_identical_taps(self, messages: torch.Tensor) -> torch.Tensor:
+        """``[E, R, C]`` output of one tap on rows ``identical_taps_rows`` -> the ``[E, R, C]``
+        combination when all taps saw the same input (rows outside ``identical_taps_rows`` are 0)."""
+        if self.identical_taps_select:
+            return messages
+        return torch.matmul(self.identical_taps_map.to(messages.dtype).t(), messages)
 
     def combine_taps(self, messages: torch.Tensor) -> torch.Tensor:
         """``[E, T, K, C]`` tap outputs -> ``[E, K, C]`` combined message."""
