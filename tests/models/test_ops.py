@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from spherical_channels.models.ops import gather_rotate_pair, rotate_scatter, silu_linear
+from spherical_channels.models.ops import gather_rotate_pair, rotate_scatter, sample_silu_linear, silu_linear
 
 
 def _data(seed: int = 0):
@@ -50,9 +50,10 @@ def test_rotate_scatter_without_wigner_gradient() -> None:
     assert gradcheck(lambda m: rotate_scatter(wigner, m, index, n), (message,))
 
 
+@pytest.mark.parametrize("output_silu", [False, True])
 @pytest.mark.parametrize("with_scale", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_silu_linear_matches_reference(with_scale: bool, with_bias: bool) -> None:
+def test_silu_linear_matches_reference(with_scale: bool, with_bias: bool, output_silu: bool) -> None:
     g = torch.Generator().manual_seed(3)
     kw = dict(generator=g, dtype=torch.float64)
     x = torch.randn(3, 5, 4, **kw)
@@ -60,14 +61,35 @@ def test_silu_linear_matches_reference(with_scale: bool, with_bias: bool) -> Non
     bias = torch.randn(6, **kw) if with_bias else None
     scale = torch.randn(5, 4, **kw) if with_scale else None  # broadcast over the leading dim
     act = torch.nn.functional.silu(x) * (scale if with_scale else 1.0)
-    torch.testing.assert_close(
-        silu_linear(x, weight, bias, scale), torch.nn.functional.linear(act, weight, bias), atol=1e-14, rtol=0
-    )
+    reference = torch.nn.functional.linear(act, weight, bias)
+    if output_silu:
+        reference = torch.nn.functional.silu(reference)
+    torch.testing.assert_close(silu_linear(x, weight, bias, scale, output_silu), reference, atol=1e-14, rtol=0)
     inputs = [t.requires_grad_() for t in (x, weight, bias, scale) if t is not None]
 
     def fn(*args):
         it = iter(args)
-        return silu_linear(next(it), next(it), next(it) if with_bias else None, next(it) if with_scale else None)
+        return silu_linear(
+            next(it), next(it), next(it) if with_bias else None, next(it) if with_scale else None, output_silu
+        )
 
     assert gradcheck(fn, tuple(inputs))
     assert gradgradcheck(fn, tuple(inputs))
+
+
+def test_sample_silu_linear_matches_reference() -> None:
+    g = torch.Generator().manual_seed(4)
+    kw = dict(generator=g, dtype=torch.float64)
+    z = torch.randn(5, 3, 4, **kw)  # [B, N, F]
+    sample = torch.randn(7, 5, **kw)  # [P, B]
+    bias1, weight2, bias2 = torch.randn(4, **kw), torch.randn(6, 4, **kw), torch.randn(6, **kw)
+    pre = torch.einsum("pb,bnf->pnf", sample, z) + bias1
+    reference = torch.nn.functional.linear(torch.nn.functional.silu(pre), weight2, bias2)
+    torch.testing.assert_close(sample_silu_linear(z, sample, bias1, weight2, bias2), reference, atol=1e-13, rtol=0)
+    inputs = tuple(t.requires_grad_() for t in (z, bias1, weight2, bias2))
+
+    def fn(z, b1, w2, b2):
+        return sample_silu_linear(z, sample, b1, w2, b2)
+
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)

@@ -22,7 +22,7 @@ from ..so3.harmonics import (
 )
 from ..so3.sphere_points import density_weights, fibonacci_points
 from ..so3.taps import TapCombiner
-from .ops import gather_rotate_pair, rotate_scatter, silu_linear
+from .ops import gather_rotate_pair, rotate_scatter, sample_silu_linear, silu_linear
 
 __all__ = ["EdgeEmbedding", "MessageBlock", "InteractionBlock", "OutputMLP", "SphereSampler"]
 
@@ -56,16 +56,19 @@ def act_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     scale: torch.Tensor | None = None,
+    output_activation: bool = False,
 ) -> torch.Tensor:
-    """``linear(activation(x) * scale, weight, bias)``; with SiLU, the memory-lean fused form.
+    """``linear(activation(x) * scale, weight, bias)`` (then ``activation`` again if
+    ``output_activation``); with SiLU, the memory-lean fused form.
 
     The activation is a module so that tests can swap it (``nn.Identity`` makes a block linear
     and its symmetries exact).
     """
     if type(activation) is nn.SiLU:
-        return silu_linear(x, weight, bias, scale)
+        return silu_linear(x, weight, bias, scale, output_silu=output_activation)
     a = activation(x)
-    return nn.functional.linear(a if scale is None else a * scale, weight, bias)
+    out = nn.functional.linear(a if scale is None else a * scale, weight, bias)
+    return activation(out) if output_activation else out
 
 
 class MessageBlock(nn.Module):
@@ -194,7 +197,7 @@ class MessageBlock(nn.Module):
             h = self._tap_inputs(rotated.reshape(num_edges, k * 2 * c))  # [E, T, H]
             out_weight, out_bias = self._output_weight()
         h = act_linear(act, h, self.hidden.weight, self.hidden.bias, scale=gate)
-        out = act(act_linear(act, h, out_weight, out_bias))  # [E, T, R * C']
+        out = act_linear(act, h, out_weight, out_bias, output_activation=True)  # [E, T, R * C']
         if scalar_input:
             combined = self.taps.combine_identical_taps(out.view(num_edges, len(rows), c))
             wigner = wigner.index_select(1, rows)
@@ -248,14 +251,14 @@ class InteractionBlock(nn.Module):
                 nn.Linear(2 * sphere_channels_reduce, sphere_channels_reduce),
             )
 
-    def _first_grid_layer(self, x: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
-        """The first 1x1 layer applied to the grid samples of ``x`` and ``summed`` (every band):
-        ``[N, (L+1)^2, C']`` twice -> ``[P, N, F]`` pre-activations.
+    def _mix_channels(self, x: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
+        """The first 1x1 layer's channel mixing, applied before sampling: ``[N, (L+1)^2, C']``
+        twice -> ``[(L+1)^2, N, F]``, so that sampling the result gives the layer's output
+        (without its bias) at every grid point.
 
-        Sampling is linear, so the layer's channel mixing is applied to the coefficients first
-        and the bands are merged there (band b reads the first ``band_coefficients[b]``
-        coefficients through the same sampling matrix), then sampled once: the same values
-        as sampling then mixing, with several times fewer operations.
+        Sampling is linear, so mixing coefficients then sampling equals sampling then mixing,
+        with several times fewer operations; and the bands merge here: band b reads the first
+        ``band_coefficients[b]`` coefficients through the same sampling matrix.
         """
         c, first = self.channels, self.grid_mlp[0]
         bands = self.grid.num_bands
@@ -269,14 +272,7 @@ class InteractionBlock(nn.Module):
             if stop > start:
                 pieces.append(nn.functional.linear(both[start:stop], sum(per_band[: b + 1])))
             start = stop
-        mixed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [(L+1)^2, N, F]
-        num_coeff, num_nodes, features = mixed.shape
-        sampled = torch.addmm(
-            first.bias.repeat(num_nodes),
-            self.grid.sample_matrix.to(mixed.dtype),
-            mixed.reshape(num_coeff, num_nodes * features),
-        )
-        return sampled.view(-1, num_nodes, features)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def aggregate(self, x: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
         """Pointwise 1x1 network on the sphere (paper eq. 10): ``[N, (L+1)^2, C']`` twice -> once.
@@ -285,8 +281,14 @@ class InteractionBlock(nn.Module):
         are single matrix products.
         """
         mlp = self.grid_mlp
-        h = self._first_grid_layer(x, summed)
-        h = act_linear(mlp[1], h, mlp[2].weight, mlp[2].bias)
+        mixed = self._mix_channels(x, summed)  # [(L+1)^2, N, F]
+        sample = self.grid.sample_matrix.to(mixed.dtype)
+        if type(mlp[1]) is nn.SiLU:
+            h = sample_silu_linear(mixed, sample, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+        else:
+            num_coeff, num_nodes, features = mixed.shape
+            h = torch.mm(sample, mixed.reshape(num_coeff, -1)).view(-1, num_nodes, features) + mlp[0].bias
+            h = act_linear(mlp[1], h, mlp[2].weight, mlp[2].bias)
         h = act_linear(mlp[3], h, mlp[4].weight, mlp[4].bias)  # [P, N, C']
         num_points, num_nodes, c = h.shape
         out = torch.mm(self.grid.from_matrix.to(h.dtype), h.reshape(num_points, num_nodes * c))

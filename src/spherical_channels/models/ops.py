@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import linear
 
-__all__ = ["gather_rotate_pair", "rotate_scatter", "silu_linear"]
+__all__ = ["gather_rotate_pair", "rotate_scatter", "sample_silu_linear", "silu_linear"]
 
 
 def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -111,36 +111,97 @@ def rotate_scatter(wigner: torch.Tensor, message: torch.Tensor, index: torch.Ten
 
 
 class _SiLULinear(torch.autograd.Function):
-    """``linear(silu(x) * scale, W, b)`` saving only ``x`` and ``scale`` (not the activation)."""
+    """``linear(silu(x) * scale, W, b)``, optionally followed by SiLU, saving only ``x`` and
+    ``scale``: the activation is recomputed in backward, and with the output SiLU so is the
+    linear layer's output (one more matrix product instead of keeping ``[..., G]``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight, scale)
-        ctx.has_bias = bias is not None
-        a = torch.nn.functional.silu(x)
-        if scale is not None:
-            a = a * scale
-        return linear(a, weight, bias)
+    def forward(ctx, x, weight, bias, scale, output_silu):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight, bias, scale)
+        ctx.output_silu = output_silu
+        out = linear(_scaled_silu(x, scale), weight, bias)
+        return torch.nn.functional.silu(out) if output_silu else out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, weight, scale = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_scale = ctx.needs_input_grad
+        x, weight, bias, scale = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_scale, _ = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = grad_scale = None
+        if need_weight or need_scale or ctx.output_silu:
+            act = torch.nn.functional.silu(x)
+        if ctx.output_silu:
+            grad = _silu_backward(grad, linear(act if scale is None else act * scale, weight, bias))
         if need_x or need_scale:
             grad_a = torch.matmul(grad, weight)
         if need_x:
             grad_x = _silu_backward(grad_a if scale is None else grad_a * scale, x)
-        if need_weight or need_scale:
-            act = torch.nn.functional.silu(x)
         if need_scale:
             grad_scale = _sum_to(grad_a * act, scale.shape)
         if need_weight:
             a = act if scale is None else act * scale
             grad_weight = torch.matmul(grad.reshape(-1, grad.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
-        if ctx.has_bias and need_bias:
+        if bias is not None and need_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_weight, grad_bias, grad_scale
+        return grad_x, grad_weight, grad_bias, grad_scale, None
+
+
+def _scaled_silu(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    a = torch.nn.functional.silu(x)
+    return a if scale is None else a * scale
+
+
+class _SampleSiLULinear(torch.autograd.Function):
+    """``linear(silu(G @ z + b_1), W_2, b_2)`` per grid point, saving only the small
+    coefficient-space ``z``: the grid pre-activations are recomputed in backward (one product
+    with the sampling matrix) instead of being kept."""
+
+    @staticmethod
+    def forward(ctx, z, sample, bias1, weight2, bias2):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(z, sample, bias1, weight2)
+        return linear(torch.nn.functional.silu(_sample(z, sample, bias1)), weight2, bias2)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        z, sample, bias1, weight2 = ctx.saved_tensors
+        need_z, _, need_bias1, need_weight2, need_bias2 = ctx.needs_input_grad
+        pre = _sample(z, sample, bias1)  # [P, N, F]
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_z = grad_bias1 = grad_weight2 = grad_bias2 = None
+        if need_weight2:
+            act = torch.nn.functional.silu(pre)
+            grad_weight2 = torch.matmul(flat_grad.t(), act.reshape(-1, act.shape[-1]))
+        if need_bias2:
+            grad_bias2 = flat_grad.sum(0)
+        if need_z or need_bias1:
+            grad_pre = _silu_backward(torch.matmul(grad, weight2), pre)
+            if need_bias1:
+                grad_bias1 = grad_pre.reshape(-1, grad_pre.shape[-1]).sum(0)
+            if need_z:
+                grad_z = torch.mm(sample.t(), grad_pre.reshape(sample.shape[0], -1)).view_as(z)
+        return grad_z, None, grad_bias1, grad_weight2, grad_bias2
+
+
+def _sample(z: torch.Tensor, sample: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``[B, N, F]`` coefficients -> ``[P, N, F]`` grid values plus ``bias``."""
+    num_coeff, num_nodes, features = z.shape
+    values = torch.mm(sample, z.reshape(num_coeff, num_nodes * features))
+    return values.view(-1, num_nodes, features) + bias
+
+
+def sample_silu_linear(
+    z: torch.Tensor, sample: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor
+) -> torch.Tensor:
+    """Sample coefficient-space features on a grid, add a bias, SiLU, then a linear layer.
+
+    Args:
+        z: ``[B, N, F]`` features per coefficient (already mixed by the first 1x1 layer).
+        sample: ``[P, B]`` sampling matrix (a constant: no gradient).
+        bias1: ``[F]``; weight2: ``[G, F]``; bias2: ``[G]``.
+
+    Returns:
+        ``[P, N, G]`` = ``linear(silu(sample @ z + bias1), weight2, bias2)``.
+    """
+    return _SampleSiLULinear.apply(z, sample, bias1, weight2, bias2)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -157,15 +218,18 @@ def silu_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    output_silu: bool = False,
 ) -> torch.Tensor:
-    """``linear(silu(x) * scale, weight, bias)``, keeping only ``x`` for backward.
+    """``linear(silu(x) * scale, weight, bias)`` (then ``silu`` if ``output_silu``), keeping only
+    ``x`` for backward.
 
     Args:
         x: ``[..., F]`` pre-activations.
         weight: ``[G, F]``; bias: ``[G]`` or None.
         scale: optional multiplier broadcastable to ``x`` (SCN's edge gate).
+        output_silu: apply SiLU to the result too; its input is then recomputed in backward.
 
     Returns:
         ``[..., G]``.
     """
-    return _SiLULinear.apply(x, weight, bias, scale)
+    return _SiLULinear.apply(x, weight, bias, scale, output_silu)
