@@ -13,8 +13,10 @@ Legendre recurrence in the polar coordinate ``y`` plus the azimuthal recurrence 
 gradients are finite for every rotation (no Euler angles, no ``acos``/``atan2``). All
 constants are computed once in float64 in ``__init__``.
 
-Measured (2 CPU threads, float32, E = 50000 rotations, lmax 6; see
-``benchmarks/bench_wigner.py``): see the numbers filled in below.
+Measured with ``benchmarks/bench_wigner.py --quick`` (2 CPU threads, float32, 5000 rotations,
+lmax 6), forward / forward+backward: the |m| <= 1 rows SCN uses take 3.2 / 5.6 ms, against
+187 / 966 ms for e3nn's ``matrix_exp`` route and 17.9 / 47.6 ms for the Euler-angle ``Jd``
+route of the official SCN code (whose gradients are not finite for edges along the polar axis).
 """
 
 from __future__ import annotations
