@@ -1,18 +1,17 @@
-"""The ``scn`` command line."""
+"""``scn predict``: energies and forces of structures with a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["add_parser"]
 
 
-def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``scn predict``."""
     p = subparsers.add_parser(
         "predict",
         help="predict energies and forces of structures with an SCN checkpoint",
@@ -44,9 +43,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ase.io import read, write
     from tqdm import tqdm
 
-    from .data.batch import AtomicBatch
-    from .models import SCN
-    from .resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
+    from ..data.batch import AtomicBatch
+    from ..models import SCN
+    from ..resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
 
     checkpoint = resource_path(EXAMPLE_CHECKPOINT) if args.checkpoint == "example" else Path(args.checkpoint)
     structures = resource_path(EXAMPLE_STRUCTURES) if args.structures == "example" else Path(args.structures)
@@ -99,27 +98,3 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results}))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``scn`` argument parser (one subcommand per task)."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="scn", description="Spherical Channel Networks for atomistic energies and forces."
-    )
-    parser.add_argument("--version", action="version", version=f"spherical-channels {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    _add_predict(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``scn`` command."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
