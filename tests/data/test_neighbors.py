@@ -100,13 +100,16 @@ def _molecule():
 
 
 CASES = {"triclinic": _triclinic, "small_cell": _small_cell, "mixed_pbc": _mixed_pbc, "molecule": _molecule}
+# The CPU cell-list path and the all-pairs torch path (the GPU default) must agree everywhere.
+METHODS = ["vesin", "torch"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_full_graph_matches_brute_force(name):
+@pytest.mark.parametrize("method", METHODS)
+def test_full_graph_matches_brute_force(name, method):
     pos, cell, pbc, cutoff = CASES[name]()
     ri, rj, rs, _ = brute_force(pos, cell, pbc, cutoff)
-    g = build_graph(single_batch(pos, cell, pbc), cutoff, max_num_neighbors=10**6)
+    g = build_graph(single_batch(pos, cell, pbc), cutoff, max_num_neighbors=10**6, method=method)
     assert g.edge_index.dtype == torch.long and g.cell_offsets.dtype == torch.long
     assert g.cell_offsets.shape == (g.num_edges, 3)
     ours = edge_set(g.edge_index[1], g.edge_index[0], g.cell_offsets)
@@ -123,10 +126,11 @@ def test_full_graph_matches_brute_force(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("cap", [1, 12, 40])
-def test_capped_graph_keeps_nearest(name, cap):
+@pytest.mark.parametrize("method", METHODS)
+def test_capped_graph_keeps_nearest(name, cap, method):
     pos, cell, pbc, cutoff = CASES[name]()
     ri, rj, rs, rd2 = brute_force(pos, cell, pbc, cutoff)
-    g = build_graph(single_batch(pos, cell, pbc), cutoff, max_num_neighbors=cap)
+    g = build_graph(single_batch(pos, cell, pbc), cutoff, max_num_neighbors=cap, method=method)
     i = g.edge_index[1].numpy()
     assert edge_set(i, g.edge_index[0], g.cell_offsets) <= edge_set(ri, rj, rs)
     d = edge_vectors(
@@ -137,24 +141,26 @@ def test_capped_graph_keeps_nearest(name, cap):
         np.testing.assert_allclose(np.sort(d[i == centre]), ref, rtol=0, atol=1e-9)
 
 
-def test_unwrapped_positions_give_same_physical_edges():
+@pytest.mark.parametrize("method", METHODS)
+def test_unwrapped_positions_give_same_physical_edges(method):
     pos, cell, pbc, cutoff = _small_cell()
     shift = np.array([[3, -2, 1], [-5, 0, 7]])
-    g0 = build_graph(single_batch(pos, cell, pbc), cutoff, 40)
-    g1 = build_graph(single_batch(pos + shift @ cell, cell, pbc), cutoff, 40)
+    g0 = build_graph(single_batch(pos, cell, pbc), cutoff, 40, method=method)
+    g1 = build_graph(single_batch(pos + shift @ cell, cell, pbc), cutoff, 40, method=method)
     # n_unwrapped = n + w_i - w_j maps the edges one to one.
     i, j = g0.edge_index[1].numpy(), g0.edge_index[0].numpy()
     mapped = g0.cell_offsets.numpy() + shift[i] - shift[j]
     assert edge_set(i, j, mapped) == edge_set(g1.edge_index[1], g1.edge_index[0], g1.cell_offsets)
 
 
-def test_no_edges_and_isolated_atom():
+@pytest.mark.parametrize("method", METHODS)
+def test_no_edges_and_isolated_atom(method):
     for pos, cell, pbc in [
         (np.zeros((1, 3)), np.zeros((3, 3)), [False] * 3),  # isolated atom
         (np.array([[0.0, 0, 0], [20.0, 0, 0]]), np.zeros((3, 3)), [False] * 3),  # far apart
         (np.zeros((1, 3)), np.eye(3) * 30.0, [True] * 3),  # lone atom in a big box
     ]:
-        g = build_graph(single_batch(pos, cell, pbc), 6.0, 40)
+        g = build_graph(single_batch(pos, cell, pbc), 6.0, 40, method=method)
         assert g.edge_index.shape == (2, 0) and g.edge_index.dtype == torch.long
         assert g.cell_offsets.shape == (0, 3) and g.cell_offsets.dtype == torch.long
         d = edge_vectors(
@@ -164,13 +170,14 @@ def test_no_edges_and_isolated_atom():
         assert neighbor_ranks(d.norm(dim=1), g.edge_index[1], len(pos)).shape == (0,)
 
 
-def test_batch_of_structures_uses_global_indices():
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_structures_uses_global_indices(method):
     structures = [_triclinic(), _molecule(), _mixed_pbc()]
     from ase import Atoms
 
     atoms = [Atoms("Cu" * len(p), positions=p, cell=c, pbc=b) for p, c, b, _ in structures]
     batch = AtomicBatch.from_atoms(atoms, dtype=torch.float64)
-    g = build_graph(batch, 5.3, 10**6)
+    g = build_graph(batch, 5.3, 10**6, method=method)
     offset = 0
     for s, (p, c, b, _) in enumerate(structures):
         ri, rj, rs, rd2 = brute_force(p, c, b, 5.3)
@@ -184,7 +191,8 @@ def test_batch_of_structures_uses_global_indices():
     assert keys == sorted(keys)
 
 
-def test_overlapping_atoms_raise():
+@pytest.mark.parametrize("method", METHODS)
+def test_overlapping_atoms_raise(method):
     mol = ase.build.molecule("CH4")
     pos = mol.positions.copy()
     pos[3] = pos[1] + [2e-5, 0, 0]
@@ -194,7 +202,7 @@ def test_overlapping_atoms_raise():
     bad = Atoms(mol.get_chemical_symbols(), positions=pos)
     batch = AtomicBatch.from_atoms([good, bad])
     with pytest.raises(ValueError, match=r"atoms 1 and 3 of structure 1 are 0\.00002 A apart"):
-        build_graph(batch, 6.0, 40)
+        build_graph(batch, 6.0, 40, method=method)
 
 
 def test_neighbor_ranks_ties_are_a_permutation():
@@ -399,3 +407,22 @@ def test_official_graph_from_unwrapped_extxyz():
     ours = edge_set(tgt.numpy(), src.numpy(), offs)
     theirs = edge_set(ref["edge_index"][1] + ref_start, ref["edge_index"][0] + ref_start, ref["cell_offsets"])
     assert ours == theirs
+
+
+def test_torch_and_vesin_paths_give_identical_graphs():
+    """Same edges in the same order: capped at 40 on the (rattled, tie-free) fixture
+    structures; uncapped in a batch that also holds a one-atom bulk cell, whose many images
+    of itself give the torch path a different image range than the slabs (with a cap, that
+    cell's exact distance ties at the cut could fall either way in either path)."""
+    from ase.io import read
+
+    frames = read(FIXTURES / "structures_small.extxyz", ":")
+    batch = AtomicBatch.from_atoms(frames, dtype=torch.float64)
+    for cutoff, cap, structures in [(8.0, 40, frames), (6.0, 10**6, frames + [ase.build.bulk("Cu", "fcc", a=3.6)])]:
+        batch = AtomicBatch.from_atoms(structures, dtype=torch.float64)
+        a = build_graph(batch, cutoff, cap, method="vesin")
+        b = build_graph(batch, cutoff, cap, method="torch")
+        assert torch.equal(a.edge_index, b.edge_index)
+        assert torch.equal(a.cell_offsets, b.cell_offsets)
+    with pytest.raises(ValueError, match="unknown graph method"):
+        build_graph(batch, 8.0, 40, method="gpu")

@@ -17,7 +17,7 @@ import vesin
 
 from .batch import AtomicBatch
 
-__all__ = ["Graph", "build_graph", "edge_vectors", "neighbor_ranks"]
+__all__ = ["GRAPH_METHODS", "Graph", "build_graph", "edge_vectors", "neighbor_ranks"]
 
 # Squared distance (A^2) at or below which two atoms (or an atom and its image)
 # overlap; the official code drops such pairs.
@@ -82,16 +82,7 @@ def _structure_edges(
     close = d2 <= _MIN_DIST_SQ
     if close.any():
         k = int(np.flatnonzero(close)[0])
-        a, b, dist = int(i[k]), int(j[k]), float(np.sqrt(d2[k]))
-        if a == b:
-            msg = (
-                f"atom {a} of structure {structure} is {dist:.5f} A from its own "
-                f"periodic image {shift[k].tolist()}"
-            )
-        else:
-            a, b = min(a, b), max(a, b)
-            msg = f"atoms {a} and {b} of structure {structure} are {dist:.5f} A apart"
-        raise ValueError(msg + " (overlapping atoms: distance <= 0.01 A)")
+        _raise_overlap(structure, int(i[k]), int(j[k]), shift[k].tolist(), float(np.sqrt(d2[k])))
 
     keep = d2 <= cutoff * cutoff
     i, j, shift, d2 = i[keep], j[keep], shift[keep], d2[keep]
@@ -114,15 +105,35 @@ def _structure_edges(
     return i[order], j[order], shift[order]
 
 
-def build_graph(batch: AtomicBatch, cutoff: float, max_num_neighbors: int) -> Graph:
+GRAPH_METHODS = ("auto", "vesin", "torch")
+# Centre x neighbour x image distances evaluated at once by the torch path (bounds its memory:
+# 2^22 float64 values and their vectors are ~130 MB).
+_TORCH_CHUNK = 1 << 22
+
+
+def build_graph(
+    batch: AtomicBatch, cutoff: float, max_num_neighbors: int, method: str = "auto"
+) -> Graph:
     """Radius graph of ``batch`` with the official SCN rules (see module docstring).
 
-    Computed on CPU in float64 from ``batch.positions`` (no gradient); the result is
-    put on the device of ``batch.positions``. Raises ValueError for atoms closer than
-    0.01 A (naming the structure and atoms).
+    Args:
+        method: ``"vesin"`` (cell lists on the CPU; the result is moved to the batch's
+            device), ``"torch"`` (all pairs against all needed lattice images, in chunks, on
+            the batch's device: the fast path on a GPU), or ``"auto"``: torch for batches
+            on a CUDA device, vesin otherwise. Both give the same edges in the same order
+            (up to exact distance ties at the ``max_num_neighbors`` cut).
+
+    Computed in float64 from ``batch.positions`` (no gradient). Raises ValueError for atoms
+    closer than 0.01 A (naming the structure and atoms).
     """
     if cutoff <= 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
+    if method not in GRAPH_METHODS:
+        raise ValueError(f"unknown graph method {method!r}; expected one of {GRAPH_METHODS}")
+    if method == "auto":
+        method = "torch" if batch.positions.is_cuda else "vesin"
+    if method == "torch":
+        return _torch_graph(batch, cutoff, max_num_neighbors)
     positions = batch.positions.detach().to("cpu", torch.float64).numpy()
     cells = batch.cell.detach().to("cpu", torch.float64).numpy()
     pbcs = batch.pbc.detach().cpu().numpy().astype(bool)
@@ -144,6 +155,139 @@ def build_graph(batch: AtomicBatch, cutoff: float, max_num_neighbors: int) -> Gr
     edge_index = torch.from_numpy(np.stack([np.concatenate(sources), np.concatenate(targets)]))
     cell_offsets = torch.from_numpy(np.concatenate(shifts))
     return Graph(edge_index=edge_index.to(device), cell_offsets=cell_offsets.to(device))
+
+
+def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """The cell, with non-periodic rows replaced where needed so that it is invertible.
+
+    Only fractional coordinates along periodic axes are used (for wrapping and for the
+    image range), so a non-periodic row may be any vector independent of the others; an
+    orthonormal complement of the periodic rows keeps the periodic reciprocal vectors those
+    of the periodic lattice alone.
+    """
+    cell = np.array(cell, dtype=np.float64)
+    if abs(np.linalg.det(cell)) > 1e-12 * max(1.0, np.prod(np.linalg.norm(cell, axis=1))):
+        return cell
+    periodic = [k for k in range(3) if pbc[k]]
+    basis = [cell[k] for k in periodic]
+    for k in range(3):
+        if pbc[k]:
+            continue
+        # Gram-Schmidt a coordinate axis against the rows fixed so far
+        for axis in np.eye(3):
+            v = axis - sum(np.dot(axis, b) / np.dot(b, b) * b for b in basis)
+            if np.linalg.norm(v) > 1e-6:
+                v = v / np.linalg.norm(v)
+                break
+        cell[k] = v
+        basis.append(v)
+    return cell
+
+
+def _torch_graph(batch: AtomicBatch, cutoff: float, max_num_neighbors: int) -> Graph:
+    """The radius graph by the torch path (see :func:`build_graph`)."""
+    device = batch.positions.device
+    positions = batch.positions.detach().to(torch.float64)
+    natoms = batch.natoms.tolist()
+    starts = np.cumsum([0] + natoms[:-1])
+    pbcs = batch.pbc.cpu().numpy().astype(bool)
+    cells = [_complete_cell(c, p) for c, p in zip(batch.cell.detach().cpu().double().numpy(), pbcs)]
+    # Images n_k in [-r_k, r_k] along periodic axes, r_k = ceil(cutoff |b_k|), complete for
+    # wrapped positions; structures with the same range are processed together.
+    ranges = [
+        tuple(int(np.ceil(cutoff * np.linalg.norm(b))) if p else 0 for b, p in zip(np.linalg.inv(c).T, pbc))
+        for c, pbc in zip(cells, pbcs)
+    ]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for s, r in enumerate(ranges):
+        if natoms[s] and max_num_neighbors > 0:
+            groups.setdefault(r, []).append(s)
+    parts = []
+    for r, members in groups.items():
+        parts.append(
+            _torch_group_edges(positions, cells, pbcs, starts, natoms, members, r, cutoff, max_num_neighbors)
+        )
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Graph(torch.stack([empty, empty]), torch.zeros(0, 3, dtype=torch.long, device=device))
+    i, j, shift, key = (torch.cat(t) for t in zip(*parts))
+    # (target, source, image) lexicographic, as the vesin path: two stable sorts
+    order = torch.sort(key, stable=True).indices
+    order = order[torch.sort(i[order], stable=True).indices]
+    return Graph(edge_index=torch.stack([j[order], i[order]]), cell_offsets=shift[order])
+
+
+def _torch_group_edges(
+    positions: torch.Tensor,
+    cells: list[np.ndarray],
+    pbcs: np.ndarray,
+    starts: np.ndarray,
+    natoms: list[int],
+    members: list[int],
+    reps: tuple[int, ...],
+    cutoff: float,
+    max_num_neighbors: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edges of structures sharing the image range ``reps``: global target i, source j, shift
+    and a key ordering the edges of one target by (source, image)."""
+    device = positions.device
+    num = len(members)
+    width = max(natoms[s] for s in members)  # atoms padded to the largest structure
+    shifts = torch.cartesian_prod(*(torch.arange(-k, k + 1, device=device) for k in reps)).view(-1, 3)
+    num_images = shifts.shape[0]
+    zero_image = num_images // 2  # n = (0, 0, 0) sits in the middle of the product
+    cell = torch.tensor(np.stack([cells[s] for s in members]), dtype=torch.float64, device=device)
+    pbc = torch.tensor(pbcs[members], device=device)
+
+    index = torch.full((num, width), -1, dtype=torch.long, device=device)
+    for g, s in enumerate(members):
+        index[g, : natoms[s]] = torch.arange(starts[s], starts[s] + natoms[s], device=device)
+    valid = index >= 0
+    pos = positions[index.clamp(min=0)]  # [G, A, 3]
+    # Wrap into the cell along periodic axes; shifts are mapped back to the given positions.
+    frac = torch.linalg.solve(cell.transpose(1, 2), pos.transpose(1, 2)).transpose(1, 2)
+    wrap = torch.where(pbc.unsqueeze(1), torch.floor(frac), torch.zeros_like(frac))
+    pos = pos - torch.bmm(wrap, cell)
+    wrap = wrap.long()
+    image_vectors = torch.einsum("mk,gkc->gmc", shifts.double(), cell)  # [G, M, 3]
+    images = pos.unsqueeze(2) + image_vectors.unsqueeze(1)  # [G, A(j), M, 3]
+
+    chunk = max(1, _TORCH_CHUNK // max(1, num * width * num_images))
+    k = min(max_num_neighbors, width * num_images)
+    out_i, out_j, out_m, out_g = [], [], [], []
+    for lo in range(0, width, chunk):
+        hi = min(width, lo + chunk)
+        d2 = ((images.unsqueeze(1) - pos[:, lo:hi, None, None, :]) ** 2).sum(-1)  # [G, c, A, M]
+        centre = torch.arange(lo, hi, device=device)
+        self_pair = (centre.view(1, -1, 1, 1) == torch.arange(width, device=device).view(1, 1, -1, 1)) & (
+            torch.arange(num_images, device=device).view(1, 1, 1, -1) == zero_image
+        )
+        pair_valid = valid[:, lo:hi, None, None] & valid[:, None, :, None] & ~self_pair
+        close = pair_valid & (d2 <= _MIN_DIST_SQ)
+        if bool(close.any()):
+            g, c, j, m = (int(t) for t in torch.nonzero(close)[0])
+            _raise_overlap(members[g], lo + c, j, shifts[m].tolist(), float(d2[g, c, j, m].sqrt()))
+        d2 = torch.where(pair_valid & (d2 <= cutoff * cutoff), d2, torch.full_like(d2, float("inf")))
+        values, flat = torch.topk(d2.view(num, hi - lo, -1), k, dim=2, largest=False, sorted=False)
+        g, c, slot = torch.nonzero(torch.isfinite(values), as_tuple=True)
+        chosen = flat[g, c, slot]
+        out_g.append(g)
+        out_i.append(c + lo)
+        out_j.append(torch.div(chosen, num_images, rounding_mode="floor"))
+        out_m.append(chosen % num_images)
+    g, i, j, m = (torch.cat(t) for t in (out_g, out_i, out_j, out_m))
+    shift = shifts[m] - wrap[g, j] + wrap[g, i]
+    global_i, global_j = index[g, i], index[g, j]
+    return global_i, global_j, shift, j * num_images + m
+
+
+def _raise_overlap(structure: int, a: int, b: int, shift: list[int], dist: float) -> None:
+    if a == b:
+        msg = f"atom {a} of structure {structure} is {dist:.5f} A from its own periodic image {shift}"
+    else:
+        a, b = min(a, b), max(a, b)
+        msg = f"atoms {a} and {b} of structure {structure} are {dist:.5f} A apart"
+    raise ValueError(msg + " (overlapping atoms: distance <= 0.01 A)")
 
 
 def edge_vectors(

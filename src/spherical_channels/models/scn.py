@@ -155,10 +155,14 @@ class SCN(nn.Module):
         self.energy_head = OutputMLP(sphere_channels, sphere_channels_reduce)
         if regress_forces and direct_forces:
             self.force_head = OutputMLP(sphere_channels, sphere_channels_reduce)
-        # Target normalisation (official checkpoints' "normalizers"); identity by default.
+        # Target normalisation: E = energy_scale * E_net + energy_shift + sum_i element_energies[Z_i]
+        # and F = force_scale * F_net. Official checkpoints set scale and shift (their
+        # "normalizers"); this package's trainer sets the per-element reference energies (least
+        # squares on the training set) and one scale for both, so -dE/dx stays the force.
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self.register_buffer("force_scale", torch.tensor(1.0))
+        self.register_buffer("element_energies", torch.zeros(max_num_elements))
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -267,9 +271,10 @@ class SCN(nn.Module):
         x = self.embed(batch, edges)
         values = self.sphere_sampler(x)  # [N, P, C]
         node_energy = self.sphere_sampler.integrate(self.energy_head(values)).squeeze(-1)
+        node_energy = node_energy * self.energy_scale + self.element_energies[batch.atomic_numbers].to(node_energy.dtype)
         energy = torch.zeros(batch.num_structures, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, batch.batch, node_energy)
-        out = {"energy": energy * self.energy_scale + self.energy_shift}
+        out = {"energy": energy + self.energy_shift}
         if self.regress_forces and self.direct_forces:
             magnitude = self.force_head(values)  # [N, P, 1]
             directions = self.sphere_sampler.directions.to(magnitude.dtype)

@@ -1,0 +1,74 @@
+"""Helpers shared by the subcommands: opening structure files, finding data splits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataItem", "OPTIMIZER_NAMES", "data_items", "open_structures"]
+
+#: ASE optimisers the CLI offers (``simulation.relax.OPTIMIZERS``; named here so that building
+#: the parser does not import torch).
+OPTIMIZER_NAMES = ("BFGS", "BFGSLineSearch", "FIRE", "LBFGS")
+
+
+def open_structures(path: str | Path) -> Any:
+    """A random-access sequence of ``ase.Atoms`` from any data set format this package reads,
+    or, failing that, from any file ASE reads."""
+    from ..data.datasets import open_dataset
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return open_dataset(path)
+    except ValueError as err:
+        if "format" not in str(err):  # a readable file with bad content: report it
+            raise
+    from ase.io import read
+
+    frames = read(path, ":")
+    if not frames:
+        raise ValueError(f"{path} holds no structures")
+    return frames
+
+
+@dataclass
+class DataItem:
+    """One thing to evaluate: a split's S2EF frames or its initial structures to relax."""
+
+    name: str
+    task: str  # "s2ef" or "relax"
+    path: Path
+
+
+def data_items(paths: list[str]) -> list[DataItem]:
+    """Expand the given paths: a directory written by ``scn data generate`` becomes its splits
+    (metadata.json); a file is S2EF data, or relaxation data if it carries relaxed targets."""
+    items: list[DataItem] = []
+    for raw in paths:
+        path = Path(raw)
+        meta = path / "metadata.json"
+        if path.is_dir() and meta.exists():
+            for split, info in json.loads(meta.read_text())["splits"].items():
+                for task, key in (("s2ef", "s2ef"), ("relax", "is2re")):
+                    if info.get(key) and (path / info[key]).exists():
+                        items.append(DataItem(split, task, path / info[key]))
+            continue
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        first = open_structures(path)[0]
+        task = "relax" if ("relaxed_energy" in first.info or "relaxed_positions" in first.arrays) else "s2ef"
+        items.append(DataItem(path.stem, task, path))
+    return items
+
+
+def is_emt_data(paths: list[str]) -> bool:
+    """Whether the data were labelled by ASE's EMT (the built-in reference data)."""
+    for raw in paths:
+        meta = Path(raw) / "metadata.json"
+        if meta.exists() and "EMT" in json.dumps(json.loads(meta.read_text())).upper():
+            return True
+    return False
