@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import predict
+from . import data, demo, eval, predict, relax, train
 
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``scn --help`` lists them.
-COMMANDS = [predict]
+COMMANDS = [train, eval, predict, relax, data, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

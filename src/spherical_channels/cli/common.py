@@ -17,16 +17,15 @@ OPTIMIZER_NAMES = ("BFGS", "BFGSLineSearch", "FIRE", "LBFGS")
 def open_structures(path: str | Path) -> Any:
     """A random-access sequence of ``ase.Atoms`` from any data set format this package reads,
     or, failing that, from any file ASE reads."""
-    from ..data.datasets import open_dataset
+    from ..data.datasets import UnknownFormatError, open_dataset
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     try:
         return open_dataset(path)
-    except ValueError as err:
-        if "format" not in str(err):  # a readable file with bad content: report it
-            raise
+    except UnknownFormatError:  # not one of the data set formats: let ASE try
+        pass
     from ase.io import read
 
     frames = read(path, ":")
