@@ -78,10 +78,12 @@ def test_loss_by_hand() -> None:
     pred["forces"][free] += torch.tensor([0.0, 0.3, 0.4], dtype=torch.float64)  # |error| = 0.5 per free atom
     pred["forces"][batch.fixed] += 7.0  # ignored when training on free atoms
     terms = energy_force_loss(pred, batch, scale=2.0, energy_coefficient=2.0, force_coefficient=100.0)
-    energy_term = (0.2 / 2 + 0.3 / 3) / 2
-    assert terms.loss.item() == pytest.approx((2.0 * energy_term + 100.0 * 0.5) / 2.0)
-    assert terms.energy_mae_per_atom.item() == pytest.approx(energy_term)
+    assert terms.loss.item() == pytest.approx((2.0 * (0.2 + 0.3) / 2 + 100.0 * 0.5) / 2.0)
+    assert terms.energy_mae.item() == pytest.approx(0.25)
+    assert terms.energy_mae_per_atom.item() == pytest.approx((0.2 / 2 + 0.3 / 3) / 2)
     assert terms.force_l2mae.item() == pytest.approx(0.5)
+    per_atom = energy_force_loss(pred, batch, scale=2.0, energy_coefficient=2.0, force_coefficient=100.0, per_atom_energy=True)
+    assert per_atom.loss.item() == pytest.approx((2.0 * (0.2 / 2 + 0.3 / 3) / 2 + 100.0 * 0.5) / 2.0)
 
 
 def test_distributed_loss_normalisation_sums_to_the_global_loss() -> None:
@@ -95,11 +97,15 @@ def test_distributed_loss_normalisation_sums_to_the_global_loss() -> None:
     pa, pb = pred_of(a), pred_of(b)
     pboth = {k: torch.cat([pa[k], pb[k]]) for k in pa}
     kw = dict(scale=1.3, energy_coefficient=2.0, force_coefficient=100.0)
-    total = energy_force_loss(pboth, both, **kw).loss
     structures, atoms = both.num_structures, int((~both.fixed).sum())
-    per_rank = [energy_force_loss(p, x, **kw, global_structures=structures, global_force_atoms=atoms, world_size=2).loss
-                for p, x in ((pa, a), (pb, b))]
-    assert ((per_rank[0] + per_rank[1]) / 2).item() == pytest.approx(total.item(), rel=1e-12)
+    for per_atom in (False, True):
+        total = energy_force_loss(pboth, both, **kw, per_atom_energy=per_atom).loss
+        per_rank = [
+            energy_force_loss(p, x, **kw, global_structures=structures, global_force_atoms=atoms, world_size=2,
+                              per_atom_energy=per_atom).loss
+            for p, x in ((pa, a), (pb, b))
+        ]
+        assert ((per_rank[0] + per_rank[1]) / 2).item() == pytest.approx(total.item(), rel=1e-12)
 
 
 OFFICIAL = """

@@ -16,23 +16,29 @@ from typing import Any
 __all__ = ["add_parser", "DEMO_MODEL", "demo_config"]
 
 #: The demo's model: every SCN ingredient (two resolutions, 4 taps, 2 bands, the 1x1 grid),
-#: small enough to learn the EMT data in minutes on two CPU cores.
+#: small enough to learn the EMT data in minutes on two CPU cores. Measured on the small data
+#: (3-minute budget): this size reached 0.57 eV / 0.099 eV/A validation MAE, lmax 4 with
+#: H = 64 and 20 neighbours 0.63 / 0.119 (fewer epochs in the same time).
 DEMO_MODEL: dict[str, Any] = dict(
     num_interactions=3,
-    lmax=4,
+    lmax=3,
     mmax=1,
     num_taps=-1,
     num_bands=2,
     num_resolutions=2,
     sphere_channels=32,
     sphere_channels_reduce=32,
-    hidden_channels=64,
+    hidden_channels=48,
     num_sphere_samples=64,
     num_basis_functions=32,
     basis_width_scalar=2.0,
     cutoff=6.0,
-    max_num_neighbors=20,
+    max_num_neighbors=16,
 )
+#: Energy loss coefficient of the demo: 20 instead of the paper's 2, since on a data set this
+#: small the energy term otherwise learns slowly (3-minute runs: 1.03 eV validation MAE with 2,
+#: 0.63 eV with 20, at 0.093 vs 0.119 eV/A force MAE).
+DEMO_ENERGY_COEFFICIENT = 20.0
 TEST_SPLITS = ("test_id", "test_ood_ads", "test_ood_cat", "test_ood_both")
 
 EPILOG = """\
@@ -53,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", type=Path, default=Path("scn-demo"), help="directory for data, run and report")
     p.add_argument("--size", choices=("tiny", "small", "medium"), default="small", help="reference data size")
-    p.add_argument("--train-minutes", type=float, default=7.0, help="training time budget (default 7)")
+    p.add_argument("--train-minutes", type=float, default=8.0, help="training time budget (default 8)")
     p.add_argument("--relax", type=int, default=2, help="structures to relax per test split (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -72,7 +78,7 @@ def demo_config(data: Path, run_dir: Path, train_minutes: float, seed: int) -> d
             "warmup_steps": 50,
             "max_epochs": 60,
             "ema_decay": 0.99,
-            "energy_coefficient": 2.0,
+            "energy_coefficient": DEMO_ENERGY_COEFFICIENT,
             "force_coefficient": 100.0,
         },
         "dataset": {

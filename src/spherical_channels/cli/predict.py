@@ -16,10 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="predict energies and forces of structures with an SCN checkpoint",
         description=(
-            "Predict energies and forces with an SCN checkpoint. CHECKPOINT is a checkpoint "
-            "written by the official implementation (fairchem/OCP layout, e.g. the released "
-            "OC20 SCN models) or 'example' for the small random-weight checkpoint shipped with "
-            "the package. STRUCTURES is any file ASE can read (all frames are used) or 'example'."
+            "Predict energies and forces with an SCN checkpoint. CHECKPOINT is a checkpoint of "
+            "this package ('scn train'), one written by the official implementation (fairchem/OCP "
+            "layout, e.g. the released OC20 SCN models), or 'example' for the small random-weight "
+            "checkpoint shipped with the package. STRUCTURES is a data set (extxyz, .db, .aselmdb, "
+            "OC20 .lmdb), any file ASE can read (all frames are used), or 'example'."
         ),
     )
     p.add_argument("checkpoint", help="checkpoint file, or 'example'")
@@ -40,12 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.io import read, write
+    from ase.io import write
     from tqdm import tqdm
 
     from ..data.batch import AtomicBatch
-    from ..models import SCN
+    from ..models.checkpoint import load_model
     from ..resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
+    from .common import open_structures
 
     checkpoint = resource_path(EXAMPLE_CHECKPOINT) if args.checkpoint == "example" else Path(args.checkpoint)
     structures = resource_path(EXAMPLE_STRUCTURES) if args.structures == "example" else Path(args.structures)
@@ -55,16 +57,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("scn predict: --batch-size must be >= 1")
     dtype = getattr(torch, args.dtype)
-    model = SCN.from_fairchem(checkpoint, weights=args.weights).to(device=args.device, dtype=dtype).eval()
-    frames = read(structures, ":")
-    if not frames:
-        raise SystemExit(f"scn predict: {structures} holds no structures")
+    try:
+        model = load_model(checkpoint, weights=args.weights, device=args.device, dtype=dtype)
+        dataset = open_structures(structures)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"scn predict: {err}") from None
 
     results = []
     start = time.perf_counter()
-    batches = range(0, len(frames), args.batch_size)
+    frames = []
+    batches = range(0, len(dataset), args.batch_size)
     for first in tqdm(batches, desc="predict", unit="batch", disable=args.quiet):
-        chunk = frames[first : first + args.batch_size]
+        try:
+            chunk = [dataset[i] for i in range(first, min(len(dataset), first + args.batch_size))]
+        except ValueError as err:
+            raise SystemExit(f"scn predict: {err}") from None
+        frames.extend(chunk)
         try:
             batch = AtomicBatch.from_atoms(chunk, dtype=dtype, device=args.device)
             with torch.no_grad():

@@ -82,8 +82,9 @@ class OptimConfig:
     Learning rate: linear warm-up from ``warmup_factor * lr_initial`` over ``warmup_steps``,
     then ``scheduler: step`` multiplies by ``lr_gamma`` at each step in ``lr_milestones``, or
     ``scheduler: cosine`` decays to ``lr_min_factor * lr_initial`` at the last step.
-    Loss: ``energy_coefficient * MAE(energy per atom) + force_coefficient * L2-MAE(forces)``,
-    both divided by the data's force scale (so the coefficients are dimensionless).
+    Loss: ``energy_coefficient * MAE(energy) + force_coefficient * L2-MAE(forces)``, both
+    divided by the data's force scale (so the coefficients are dimensionless); the energy
+    error per atom with ``per_atom_energy_loss``.
     """
 
     batch_size: int = 4
@@ -105,6 +106,7 @@ class OptimConfig:
     ema_decay: float | None = 0.999
     energy_coefficient: float = 2.0
     force_coefficient: float = 100.0
+    per_atom_energy_loss: bool = False
     train_on_free_atoms: bool = True
     amp: str = "none"
     eval_every: int | None = None

@@ -1,12 +1,16 @@
-"""The training loss: energy MAE per atom plus force L2-MAE (paper B.3).
+"""The training loss: energy MAE plus force L2-MAE (paper B.3).
 
-``loss = energy_coefficient * mean_s |E_s - E*_s| / N_s / scale
+``loss = energy_coefficient * mean_s |E_s - E*_s| / scale
        + force_coefficient * mean_i ||F_i - F*_i|| / scale``
 
-with ``scale`` the data's force scale (RMS force component), so that both terms are
-dimensionless and the paper's coefficients (2 and 100) keep their meaning, and the force mean
-over free atoms when training on free atoms only (OC20 practice: fixed atoms' forces are not
-physical targets).
+with ``scale`` the data's force scale (RMS force component), one normaliser for energies and
+forces as in the official trainer (whose SCN normalisers share one standard deviation), so that
+both terms are dimensionless and the paper's coefficients (2 and 100) keep their meaning. The
+model predicts energies relative to per-element reference energies fitted on the training set
+(:mod:`spherical_channels.data.statistics`), so the energy error is that of the residual. With
+``per_atom_energy=True`` the energy term uses ``|E_s - E*_s| / N_s`` instead (for data sets
+whose structures differ much in size). Forces are averaged over free atoms when training on free
+atoms only (OC20 practice: fixed atoms' forces are not physical targets).
 
 In distributed training every rank passes the global numbers of structures and force atoms;
 its loss is its share of the global sums times the world size, so that DistributedDataParallel's
@@ -30,6 +34,7 @@ class LossTerms:
     """The loss and its parts (detached parts are for logging)."""
 
     loss: torch.Tensor
+    energy_mae: torch.Tensor  # eV, this rank's batch
     energy_mae_per_atom: torch.Tensor  # eV/atom, this rank's batch
     force_l2mae: torch.Tensor  # eV/A, this rank's batch
 
@@ -51,6 +56,7 @@ def energy_force_loss(
     global_structures: int | None = None,
     global_force_atoms: int | None = None,
     world_size: int = 1,
+    per_atom_energy: bool = False,
 ) -> LossTerms:
     """Loss of a batch (see the module docstring).
 
@@ -65,13 +71,15 @@ def energy_force_loss(
     mask = force_atoms_mask(batch, free_only)
     num_structures = global_structures or batch.num_structures
     num_force_atoms = global_force_atoms if global_force_atoms is not None else int(mask.sum())
-    energy_error = (prediction["energy"] - batch.energy).abs() / batch.natoms.to(batch.energy.dtype)
+    energy_error = (prediction["energy"] - batch.energy).abs()
+    energy_error_per_atom = energy_error / batch.natoms.to(energy_error.dtype)
     force_error = torch.linalg.vector_norm(prediction["forces"] - batch.forces, dim=1)[mask]
-    energy_term = energy_error.sum() / num_structures
+    energy_term = (energy_error_per_atom if per_atom_energy else energy_error).sum() / num_structures
     force_term = force_error.sum() / max(num_force_atoms, 1)
     loss = world_size * (energy_coefficient * energy_term + force_coefficient * force_term) / scale
     return LossTerms(
         loss=loss,
-        energy_mae_per_atom=energy_error.detach().mean(),
+        energy_mae=energy_error.detach().mean(),
+        energy_mae_per_atom=energy_error_per_atom.detach().mean(),
         force_l2mae=force_error.detach().mean() if force_error.numel() else force_error.new_zeros(()),
     )

@@ -211,6 +211,7 @@ class Trainer:
             global_structures=int(counts[0]),
             global_force_atoms=int(counts[1]),
             world_size=self.ctx.world_size,
+            per_atom_energy=optim.per_atom_energy_loss,
         )
         finite = all_reduce_sum(torch.isfinite(terms.loss.detach()).float().reshape(1), self.ctx)
         if int(finite) != self.ctx.world_size:
@@ -300,7 +301,7 @@ class Trainer:
         self.step += 1
         self.batch_in_epoch += 1
         self._apply_time_budget()
-        self._running.append((float(terms.loss), float(terms.energy_mae_per_atom), float(terms.force_l2mae),
+        self._running.append((float(terms.loss.detach()), float(terms.energy_mae), float(terms.force_l2mae),
                               batch.num_structures, time.perf_counter() - t0))
         if self.step % self.config.run.log_every == 0 or self.step == self.total_steps:
             self._log_train(lr)
@@ -334,7 +335,7 @@ class Trainer:
         n = len(rows) * self.ctx.world_size
         values = {
             "loss": float(sums[0]) / n,
-            "energy_mae_per_atom": float(sums[1]) / n,
+            "energy_mae": float(sums[1]) / n,
             "force_l2mae": float(sums[2]) / n,
             "lr": lr,
             "epoch": self.epoch,
