@@ -108,6 +108,6 @@ def test_demo_config_matches_the_shipped_yaml() -> None:
     from spherical_channels.training import TrainConfig, load_config
 
     shipped = load_config(CONFIGS / "small" / "scn_demo.yaml")
-    built = TrainConfig.from_dict(demo_config(Path("data"), Path("run"), 8.0, 0))
+    built = TrainConfig.from_dict(demo_config(Path("data"), Path("run"), 10.0, 0))
     assert shipped.model == built.model
     assert shipped.optim == built.optim

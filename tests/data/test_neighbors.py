@@ -426,3 +426,19 @@ def test_torch_and_vesin_paths_give_identical_graphs():
         assert torch.equal(a.cell_offsets, b.cell_offsets)
     with pytest.raises(ValueError, match="unknown graph method"):
         build_graph(batch, 8.0, 40, method="gpu")
+
+
+def test_complete_cell_is_invertible_and_keeps_periodic_rows():
+    from spherical_channels.data.cells import complete_cell
+
+    hexagonal = np.array([[2.5, 0.0, 0.0], [1.25, 2.165, 0.0], [0.0, 0.0, 0.0]])  # 60 degrees apart
+    for cell, pbc in [
+        (hexagonal, [True, True, False]),
+        (np.array([[3.0, 1.0, 0.5], [0, 0, 0], [0, 0, 0]]), [True, False, False]),
+        (np.zeros((3, 3)), [False, False, False]),
+    ]:
+        done = complete_cell(cell, np.array(pbc))
+        assert abs(np.linalg.det(done)) > 1e-6
+        np.testing.assert_array_equal(done[np.array(pbc)], cell[np.array(pbc)])
+        for k in np.flatnonzero(~np.array(pbc)):  # added rows are orthogonal to the periodic ones
+            assert np.allclose(cell[np.array(pbc)] @ done[k], 0.0)

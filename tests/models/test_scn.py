@@ -229,3 +229,21 @@ def test_model_moves_between_dtypes_exactly() -> None:
     direct = make_model(torch.float64)
     batch = AtomicBatch.from_atoms([small_slab()], dtype=torch.float64)
     torch.testing.assert_close(model.double()(batch)["energy"], direct(batch)["energy"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["vesin", "torch"])
+def test_two_dimensional_slab_with_zero_third_vector(method: str) -> None:
+    """A slab periodic in x and y only may have a zero c vector (valid ASE input): same graph
+    and energy as the same slab with a vacuum c vector."""
+    from spherical_channels.data.neighbors import build_graph
+
+    model = make_model(cutoff=5.0)
+    slab = small_slab()
+    slab.pbc = [True, True, False]
+    flat = slab.copy()
+    flat.cell[2] = [0.0, 0.0, 0.0]
+    a, b = (AtomicBatch.from_atoms([x], dtype=torch.float64) for x in (slab, flat))
+    ga, gb = build_graph(a, 5.0, 40, method=method), build_graph(b, 5.0, 40, method=method)
+    assert torch.equal(ga.edge_index, gb.edge_index) and torch.equal(ga.cell_offsets, gb.cell_offsets)
+    assert (ga.cell_offsets[:, 2] == 0).all()
+    torch.testing.assert_close(model(a)["energy"], model(b)["energy"], atol=1e-10, rtol=0)

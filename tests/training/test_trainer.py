@@ -70,8 +70,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_reference: P
     interrupted = Trainer(config(tiny_reference, tmp_path / "resumed"))
     original = interrupted._train_step
 
-    def stop_after_five(indices, batch):  # noqa: ANN001 - as a Ctrl-C would, between steps
-        original(indices, batch)
+    def stop_after_five(indices, batch, **kwargs):  # noqa: ANN001 - as a Ctrl-C would, between steps
+        original(indices, batch, **kwargs)
         if interrupted.step == 5:
             interrupted._stop_requested = True
 

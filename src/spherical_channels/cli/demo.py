@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", type=Path, default=Path("scn-demo"), help="directory for data, run and report")
     p.add_argument("--size", choices=("tiny", "small", "medium"), default="small", help="reference data size")
-    p.add_argument("--train-minutes", type=float, default=8.0, help="training time budget (default 8)")
+    p.add_argument("--train-minutes", type=float, default=10.0, help="training time budget (default 10)")
     p.add_argument("--relax", type=int, default=2, help="structures to relax per test split (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

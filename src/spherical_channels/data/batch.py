@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
+from .cells import periodic_cell_is_singular
+
 if TYPE_CHECKING:
     import ase
 
 __all__ = ["AtomicBatch"]
 
-# Relative volume below which a cell counts as singular: |det| <= tol * |a||b||c|
-# (i.e. the cell vectors are (nearly) linearly dependent, independent of the cell size).
-_SINGULAR_REL_TOL = 1e-6
 # Cell vectors shorter than this (Angstrom) count as zero.
 _ZERO_VECTOR_TOL = 1e-6
 # At most this many atom indices are listed in an error message.
@@ -289,16 +288,13 @@ class AtomicBatch:
                 f"structure {st}: axis {ax} is periodic (pbc={self.pbc[st].tolist()}) "
                 f"but its cell vector is zero"
             )
-        any_pbc = self.pbc.any(dim=1)
-        if any_pbc.any():
-            det = torch.linalg.det(cell).abs()
-            singular = any_pbc & (det <= _SINGULAR_REL_TOL * norms.prod(dim=1))
-            if singular.any():
-                st = int(torch.nonzero(singular)[0])
+        pbc = self.pbc.detach().cpu().numpy()
+        for st in np.flatnonzero(pbc.any(axis=1)):
+            if periodic_cell_is_singular(cell[st].cpu().numpy(), pbc[st]):
                 raise ValueError(
-                    f"structure {st}: cell is singular (det = {float(det[st]):.3g}) "
-                    f"but the structure is periodic (pbc={self.pbc[st].tolist()}); "
-                    f"give every axis a non-zero, independent cell vector"
+                    f"structure {int(st)}: cell is singular: the vectors of its periodic axes "
+                    f"(pbc={pbc[st].tolist()}) are linearly dependent; give every periodic "
+                    f"axis an independent cell vector"
                 )
         if self.energy is not None:
             bad = torch.nonzero(~torch.isfinite(self.energy)).flatten()

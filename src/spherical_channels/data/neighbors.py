@@ -16,6 +16,7 @@ import torch
 import vesin
 
 from .batch import AtomicBatch
+from .cells import complete_cell
 
 __all__ = ["GRAPH_METHODS", "Graph", "build_graph", "edge_vectors", "neighbor_ranks"]
 
@@ -157,33 +158,6 @@ def build_graph(
     return Graph(edge_index=edge_index.to(device), cell_offsets=cell_offsets.to(device))
 
 
-def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """The cell, with non-periodic rows replaced where needed so that it is invertible.
-
-    Only fractional coordinates along periodic axes are used (for wrapping and for the
-    image range), so a non-periodic row may be any vector independent of the others; an
-    orthonormal complement of the periodic rows keeps the periodic reciprocal vectors those
-    of the periodic lattice alone.
-    """
-    cell = np.array(cell, dtype=np.float64)
-    if abs(np.linalg.det(cell)) > 1e-12 * max(1.0, np.prod(np.linalg.norm(cell, axis=1))):
-        return cell
-    periodic = [k for k in range(3) if pbc[k]]
-    basis = [cell[k] for k in periodic]
-    for k in range(3):
-        if pbc[k]:
-            continue
-        # Gram-Schmidt a coordinate axis against the rows fixed so far
-        for axis in np.eye(3):
-            v = axis - sum(np.dot(axis, b) / np.dot(b, b) * b for b in basis)
-            if np.linalg.norm(v) > 1e-6:
-                v = v / np.linalg.norm(v)
-                break
-        cell[k] = v
-        basis.append(v)
-    return cell
-
-
 def _torch_graph(batch: AtomicBatch, cutoff: float, max_num_neighbors: int) -> Graph:
     """The radius graph by the torch path (see :func:`build_graph`)."""
     device = batch.positions.device
@@ -191,7 +165,7 @@ def _torch_graph(batch: AtomicBatch, cutoff: float, max_num_neighbors: int) -> G
     natoms = batch.natoms.tolist()
     starts = np.cumsum([0] + natoms[:-1])
     pbcs = batch.pbc.cpu().numpy().astype(bool)
-    cells = [_complete_cell(c, p) for c, p in zip(batch.cell.detach().cpu().double().numpy(), pbcs)]
+    cells = [complete_cell(c, p) for c, p in zip(batch.cell.detach().cpu().double().numpy(), pbcs)]
     # Images n_k in [-r_k, r_k] along periodic axes, r_k = ceil(cutoff |b_k|), complete for
     # wrapped positions; structures with the same range are processed together.
     ranges = [

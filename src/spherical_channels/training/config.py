@@ -147,6 +147,9 @@ class RunConfig:
     # run's length (and a cosine schedule with it) is capped to what fits. Results then depend
     # on the machine's speed; leave unset for reproducible runs.
     time_budget_minutes: float | None = None
+    # Structures read to fit the per-element energies and the force scale (None: all of them;
+    # a few hundred thousand are plenty for OC20-sized sets).
+    statistics_max_structures: int | None = None
 
 
 @dataclass

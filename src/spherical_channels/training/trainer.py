@@ -32,7 +32,7 @@ from ..evaluation.metrics import S2EFMetrics
 from ..models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..models.scn import SCN
 from .config import ConfigError, DataSource, TrainConfig
-from .distributed import DistributedContext, ShardedSampler, all_reduce_sum, init_distributed
+from .distributed import DistributedContext, ShardedSampler, all_reduce_sum, broadcast_object, init_distributed
 from .ema import ExponentialMovingAverage
 from .logs import RunLogger
 from .losses import LossTerms, energy_force_loss, force_atoms_mask
@@ -168,7 +168,14 @@ class Trainer:
 
         if state is not None:
             return DatasetStatistics.from_dict(state["statistics"])
-        return compute_statistics(self.train_data, progress=self.config.run.progress and self.ctx.is_main)
+        statistics = None
+        if self.ctx.is_main:  # read the data once, not once per process
+            statistics = compute_statistics(
+                self.train_data,
+                max_structures=self.config.run.statistics_max_structures,
+                progress=self.config.run.progress,
+            )
+        return broadcast_object(statistics, self.ctx)
 
     def _apply_statistics(self) -> None:
         """Per-element reference energies and one force scale for energy and forces (so
@@ -265,14 +272,16 @@ class Trainer:
         with self._graceful_stop():
             while self.step < self.total_steps and not self._stop_requested:
                 self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * optim.batch_size)
+                fetch_start = time.perf_counter()
                 for indices, batch in self._progress(self._train_loader()):
-                    self._train_step(indices, batch)
+                    self._train_step(indices, batch, data_seconds=time.perf_counter() - fetch_start)
                     if self._stop_requested or self.step >= self.total_steps:
                         break
                     if optim.eval_every and self.step % optim.eval_every == 0:
                         self._evaluate_and_save()
                     elif optim.checkpoint_every and self.step % optim.checkpoint_every == 0:
                         self.save("last.pt")
+                    fetch_start = time.perf_counter()
                 else:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     if not optim.eval_every:
@@ -285,7 +294,7 @@ class Trainer:
         summary = self._finish(time.perf_counter() - start)
         return summary
 
-    def _train_step(self, indices: list[int], batch: AtomicBatch) -> None:
+    def _train_step(self, indices: list[int], batch: AtomicBatch, data_seconds: float = 0.0) -> None:
         batch = batch.to(self.device)
         t0 = time.perf_counter()
         try:
@@ -302,7 +311,7 @@ class Trainer:
         self.batch_in_epoch += 1
         self._apply_time_budget()
         self._running.append((float(terms.loss.detach()), float(terms.energy_mae), float(terms.force_l2mae),
-                              batch.num_structures, time.perf_counter() - t0))
+                              batch.num_structures, time.perf_counter() - t0, data_seconds))
         if self.step % self.config.run.log_every == 0 or self.step == self.total_steps:
             self._log_train(lr)
 
@@ -331,15 +340,20 @@ class Trainer:
         rows, self._running = self._running, []
         if not rows:
             return
-        sums = all_reduce_sum(torch.tensor([[r[i] for r in rows] for i in range(5)], dtype=torch.float64).sum(1), self.ctx)
+        sums = all_reduce_sum(torch.tensor(rows, dtype=torch.float64).sum(0), self.ctx)
         n = len(rows) * self.ctx.world_size
+        step_seconds, data_seconds = float(sums[4]) / n, float(sums[5]) / n
         values = {
             "loss": float(sums[0]) / n,
             "energy_mae": float(sums[1]) / n,
             "force_l2mae": float(sums[2]) / n,
             "lr": lr,
             "epoch": self.epoch,
-            "structures_per_s": float(sums[3]) / max(float(sums[4]) / self.ctx.world_size, 1e-9),
+            # throughput of the whole loop (data included); the share of it spent waiting for data
+            "structures_per_s": float(sums[3]) / max((step_seconds + data_seconds) * n / self.ctx.world_size, 1e-9),
+            "step_seconds": step_seconds,
+            "data_seconds": data_seconds,
+            "data_share": data_seconds / max(step_seconds + data_seconds, 1e-12),
         }
         self._postfix = values
         if self.logger is not None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..cells import complete_cell, periodic_cell_is_singular
+
 from .common import located, stored_results
 
 if TYPE_CHECKING:
@@ -30,8 +32,6 @@ _OVERLAP_SEARCH_CUTOFF = 2.0
 # A cell thinner than min_distance / this along a periodic axis is rejected outright
 # (the image search would list too many images).
 _MAX_IMAGES_PER_AXIS = 64
-# A periodic cell is singular when |det| <= tol * |a||b||c| (same rule as AtomicBatch).
-_SINGULAR_REL_TOL = 1e-6
 # Cell vectors shorter than this (Angstrom) count as zero.
 _ZERO_VECTOR_TOL = 1e-6
 # At most this many atom indices are listed in a message.
@@ -123,14 +123,10 @@ def _check_cell(cell: np.ndarray, pbc: np.ndarray, fail) -> None:
     zero = np.flatnonzero(pbc & (norms <= _ZERO_VECTOR_TOL))
     if zero.size:
         fail(f"singular cell: axis {int(zero[0])} is periodic (pbc={pbc.tolist()}) but its cell vector is zero")
-    # Like AtomicBatch.validate (which the model's input goes through): any periodic
-    # axis needs all three cell vectors independent, even a slab's vacuum axis.
-    det = abs(float(np.linalg.det(cell)))
-    if det <= _SINGULAR_REL_TOL * float(np.prod(norms)):
-        fail(
-            f"singular cell (det = {det:.3g}) but the structure is periodic "
-            f"(pbc={pbc.tolist()}); give every axis a non-zero, independent cell vector"
-        )
+    # As AtomicBatch.validate: the periodic cell vectors must be independent (a slab may be
+    # periodic in x and y only, with a zero or arbitrary third vector).
+    if periodic_cell_is_singular(cell, pbc):
+        fail(f"singular cell: the vectors of its periodic axes (pbc={pbc.tolist()}) are linearly dependent")
 
 
 def _cell_heights(cell: np.ndarray) -> np.ndarray:
@@ -147,7 +143,7 @@ def _check_overlaps(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, mi
     if pbc.any():
         # vesin lists every periodic image within the cutoff: keep the cutoff within a
         # cell height so that a tiny cell cannot ask for millions of images.
-        heights = _cell_heights(cell)[pbc]
+        heights = _cell_heights(complete_cell(cell, pbc))[pbc]  # a 2-D slab's third vector may be 0
         thinnest = float(heights.min())
         if min_distance > _MAX_IMAGES_PER_AXIS * thinnest:
             fail(
