@@ -247,3 +247,24 @@ def test_two_dimensional_slab_with_zero_third_vector(method: str) -> None:
     assert torch.equal(ga.edge_index, gb.edge_index) and torch.equal(ga.cell_offsets, gb.cell_offsets)
     assert (ga.cell_offsets[:, 2] == 0).all()
     torch.testing.assert_close(model(a)["energy"], model(b)["energy"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("direct_forces", [True, False])
+def test_mixed_precision_forward_and_backward(direct_forces: bool) -> None:
+    """Under bf16 autocast (CPU) the message and grid networks run in bf16, geometry and sums in
+    float32: outputs are float32, close to the float32 model's, not identical; gradients finite."""
+    model = make_model(torch.float32, direct_forces=direct_forces).train()
+    model.roll = "fixed"  # same frames in both runs
+    batch = AtomicBatch.from_atoms([small_slab(), molecule("CH3OH")])
+    reference = model(batch)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert out["energy"].dtype == torch.float32 and out["forces"].dtype == torch.float32
+    scale = reference["energy"].abs().max()
+    assert 0 < (out["energy"] - reference["energy"]).abs().max() < 0.05 * scale
+    force_scale = reference["forces"].abs().max()
+    assert (out["forces"] - reference["forces"]).abs().max() < 0.1 * force_scale
+    loss = out["energy"].abs().sum() + out["forces"].norm(dim=1).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -145,3 +146,10 @@ def test_two_processes_give_the_gradients_of_one(tiny_reference: Path, tmp_path:
     assert results[1].keys() == results[2].keys() and len(results[1]) > 10
     for key in results[1]:
         torch.testing.assert_close(results[2][key], results[1][key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_bf16_mixed_precision_training_on_cpu(tiny_reference: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config(tiny_reference, tmp_path / "run", max_steps=4, amp="bf16"))
+    summary = trainer.train()
+    assert summary["steps"] == 4 and math.isfinite(summary["final_val"]["force_mae"])
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -12,10 +12,37 @@ Shapes: N atoms, E edges, K rows (kept coefficients), B = (L+1)^2 coefficients, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch.nn.functional import linear
 
 __all__ = ["gather_rotate_pair", "rotate_scatter", "sample_silu_linear", "silu_linear"]
+
+
+def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The promoted dtype of the floating tensors given."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None and t.is_floating_point()))
+
+
+def _matmul_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """Where PyTorch's autocast would run a matrix product in lower precision, do the same:
+    autocast's dtype when it is on for these tensors' device, else the promoted dtype."""
+    device = next(t for t in tensors if t is not None).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return _promoted(*tensors)
+
+
+def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def _no_autocast(reference: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A hand-written function computes in the dtype it chose in forward, in forward and in
+    backward alike (plain autograd Functions would run their backward outside autocast)."""
+    return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
 def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -36,12 +63,21 @@ class _GatherRotatePair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wigner, x, source, target):  # noqa: ANN001, ANN205
+        ctx.dtype = _promoted(wigner, x)  # rotations in full precision, also under autocast
         ctx.save_for_backward(wigner, x, source, target)
-        return torch.bmm(wigner, torch.cat([x[source], x[target]], dim=2))
+        with _no_autocast(x):
+            wigner, x = _cast(ctx.dtype, wigner, x)
+            return torch.bmm(wigner, torch.cat([x[source], x[target]], dim=2))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        wigner, x, source, target = ctx.saved_tensors
+        with _no_autocast(grad):
+            return _GatherRotatePair._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):  # noqa: ANN001, ANN205
+        wigner, x, source, target = _cast(ctx.dtype, *ctx.saved_tensors)
+        grad = grad.to(ctx.dtype)
         grad_wigner = grad_x = None
         if ctx.needs_input_grad[0]:
             gathered = torch.cat([x[source], x[target]], dim=2)
@@ -78,15 +114,23 @@ class _RotateScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wigner: torch.Tensor, message: torch.Tensor, index: torch.Tensor, num_nodes: int):  # noqa: ANN001, ANN205
+        ctx.dtype = _promoted(wigner, message)  # sums over many edges: full precision
         ctx.save_for_backward(wigner, message if ctx.needs_input_grad[0] else None, index)
-        rotated = torch.bmm(wigner.transpose(1, 2), message)
-        out = message.new_zeros(num_nodes, wigner.shape[2], message.shape[2])
-        return out.index_add_(0, index, rotated)
+        with _no_autocast(message):
+            wigner, message = _cast(ctx.dtype, wigner, message)
+            rotated = torch.bmm(wigner.transpose(1, 2), message)
+            out = message.new_zeros(num_nodes, wigner.shape[2], message.shape[2])
+            return out.index_add_(0, index, rotated)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        wigner, message, index = ctx.saved_tensors
-        gathered = grad[index]  # [E, B, C]
+        with _no_autocast(grad):
+            return _RotateScatter._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        wigner, message, index = _cast(ctx.dtype, *ctx.saved_tensors)
+        gathered = grad.to(ctx.dtype)[index]  # [E, B, C]
         grad_wigner = grad_message = None
         if ctx.needs_input_grad[0]:
             grad_wigner = torch.bmm(message, gathered.transpose(1, 2))
@@ -117,14 +161,23 @@ class _SiLULinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, output_silu):  # noqa: ANN001, ANN205
+        ctx.dtype = _matmul_dtype(x, weight)
         ctx.save_for_backward(x, weight, bias, scale)
         ctx.output_silu = output_silu
-        out = linear(_scaled_silu(x, scale), weight, bias)
-        return torch.nn.functional.silu(out) if output_silu else out
+        with _no_autocast(x):
+            x, weight, bias, scale = _cast(ctx.dtype, x, weight, bias, scale)
+            out = linear(_scaled_silu(x, scale), weight, bias)
+            return torch.nn.functional.silu(out) if output_silu else out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, weight, bias, scale = ctx.saved_tensors
+        with _no_autocast(grad):
+            return _SiLULinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight, bias, scale = _cast(ctx.dtype, *ctx.saved_tensors)
+        grad = grad.to(ctx.dtype)
         need_x, need_weight, need_bias, need_scale, _ = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = grad_scale = None
         if need_weight or need_scale or ctx.output_silu:
@@ -157,12 +210,21 @@ class _SampleSiLULinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, sample, bias1, weight2, bias2):  # noqa: ANN001, ANN205
+        ctx.dtype = _matmul_dtype(z, weight2)
         ctx.save_for_backward(z, sample, bias1, weight2)
-        return linear(torch.nn.functional.silu(_sample(z, sample, bias1)), weight2, bias2)
+        with _no_autocast(z):
+            z, sample, bias1, weight2, bias2 = _cast(ctx.dtype, z, sample, bias1, weight2, bias2)
+            return linear(torch.nn.functional.silu(_sample(z, sample, bias1)), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        z, sample, bias1, weight2 = ctx.saved_tensors
+        with _no_autocast(grad):
+            return _SampleSiLULinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):  # noqa: ANN001, ANN205
+        z, sample, bias1, weight2 = _cast(ctx.dtype, *ctx.saved_tensors)
+        grad = grad.to(ctx.dtype)
         need_z, _, need_bias1, need_weight2, need_bias2 = ctx.needs_input_grad
         pre = _sample(z, sample, bias1)  # [P, N, F]
         flat_grad = grad.reshape(-1, grad.shape[-1])

@@ -8,6 +8,7 @@ structure and forces per atom (direct, or ``-dE/dx`` by autograd).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -43,6 +44,11 @@ class EdgeData:
     rank: torch.Tensor
     frames: torch.Tensor
     resolution_slices: list[slice]
+
+
+def _full_precision(reference: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off (edge vectors, frames and Wigner-D matrices need full precision)."""
+    return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
 class SCN(nn.Module):
@@ -233,10 +239,11 @@ class SCN(nn.Module):
         )
         x[:, 0, :] = self.sphere_embedding(z).to(dtype)
         expanded = self.distance_expansion(edges.distance)
-        groups = [
-            (edges_r, wigner(edges.frames[edges_r]))
-            for edges_r, wigner in zip(edges.resolution_slices, self.wigner)
-        ]
+        with _full_precision(edges.frames):
+            groups = [
+                (edges_r, wigner(edges.frames[edges_r]))
+                for edges_r, wigner in zip(edges.resolution_slices, self.wigner)
+            ]
         for layer, interaction in enumerate(self.interactions):
             # The first layer's input is the degree-0 embedding: its messages take a cheaper path.
             update = interaction(x, expanded, z, edges.edge_index, groups, scalar_input=layer == 0)
@@ -253,7 +260,8 @@ class SCN(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
             if conservative and not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
-            edges = self.edge_data(batch, positions, graph)
+            with _full_precision(positions):  # geometry and frames are never autocast
+                edges = self.edge_data(batch, positions, graph)
             out = self.predict(batch, edges)
             if conservative:
                 (grad,) = torch.autograd.grad(
@@ -270,7 +278,9 @@ class SCN(nn.Module):
         """Energy ``[S]`` (and direct forces ``[N, 3]``) from prepared edges."""
         x = self.embed(batch, edges)
         values = self.sphere_sampler(x)  # [N, P, C]
-        node_energy = self.sphere_sampler.integrate(self.energy_head(values)).squeeze(-1)
+        # under mixed precision the heads run in lower precision; the sums do not
+        dtype = self.energy_scale.dtype
+        node_energy = self.sphere_sampler.integrate(self.energy_head(values)).squeeze(-1).to(dtype)
         node_energy = node_energy * self.energy_scale + self.element_energies[batch.atomic_numbers].to(node_energy.dtype)
         energy = torch.zeros(batch.num_structures, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, batch.batch, node_energy)
@@ -278,7 +288,7 @@ class SCN(nn.Module):
         if self.regress_forces and self.direct_forces:
             magnitude = self.force_head(values)  # [N, P, 1]
             directions = self.sphere_sampler.directions.to(magnitude.dtype)
-            out["forces"] = self.sphere_sampler.integrate(magnitude * directions) * self.force_scale
+            out["forces"] = self.sphere_sampler.integrate(magnitude * directions).to(dtype) * self.force_scale
         return out
 
     @property
