@@ -48,6 +48,12 @@ _IGNORED_KEYS = ("name",)
 
 
 def load_config(path: str) -> dict:
+    """SCN constructor arguments from a JSON file (the peers' cfg_bench.json) or from the
+    model: section of a training YAML (configs/...)."""
+    if path.endswith((".yaml", ".yml")):
+        from spherical_channels.training import load_config as load_training_config
+
+        return dict(load_training_config(path).model)
     with open(path) as fh:
         cfg = json.load(fh)
     # like the harness: allow "_comment"-style keys
@@ -105,7 +111,7 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Benchmark spherical_channels SCN (CPU), harness-compatible")
-    ap.add_argument("--config", required=True, help="JSON of SCN constructor kwargs (official names)")
+    ap.add_argument("--config", required=True, help="JSON of SCN constructor kwargs (official names), or a training YAML")
     ap.add_argument("--structures", required=True, help="extxyz file")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)

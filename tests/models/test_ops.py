@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from spherical_channels.models.ops import gather_rotate_pair, rotate_scatter, sample_silu_linear, silu_linear
+from spherical_channels.models.ops import rotate_scatter, rotated_linears, sample_silu_linear, silu_linear
 
 
 def _data(seed: int = 0):
@@ -20,15 +20,28 @@ def _data(seed: int = 0):
     return wigner, x, message, index, n
 
 
-def test_gather_rotate_pair_matches_reference() -> None:
+def test_rotated_linears_match_reference() -> None:
+    """Rotate both end points, flatten, linear maps of column spans (with and without bias)."""
     wigner, x, _, index, n = _data()
-    other = torch.randint(0, n, index.shape, generator=torch.Generator().manual_seed(5))
-    reference = torch.cat([torch.bmm(wigner, x[index]), torch.bmm(wigner, x[other])], dim=2)
-    torch.testing.assert_close(gather_rotate_pair(wigner, x, index, other), reference, atol=1e-14, rtol=0)
-    wigner.requires_grad_()
-    x.requires_grad_()
-    assert gradcheck(lambda w, v: gather_rotate_pair(w, v, index, other), (wigner, x))
-    assert gradgradcheck(lambda w, v: gather_rotate_pair(w, v, index, other), (wigner, x))
+    g = torch.Generator().manual_seed(5)
+    other = torch.randint(0, n, index.shape, generator=g)
+    width = wigner.shape[1] * 2 * x.shape[2]  # K * 2C = 12
+    spans = [(0, 4), (4, width)]
+    weights = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(2, width - 4, generator=g, dtype=torch.float64)]
+    biases = [torch.randn(3, generator=g, dtype=torch.float64), None]
+    pair = torch.cat([torch.bmm(wigner, x[index]), torch.bmm(wigner, x[other])], dim=2).flatten(1)
+    got = rotated_linears(wigner, x, index, other, spans, weights, biases)
+    torch.testing.assert_close(got[0], pair[:, :4] @ weights[0].T + biases[0], atol=1e-13, rtol=0)
+    torch.testing.assert_close(got[1], pair[:, 4:] @ weights[1].T, atol=1e-13, rtol=0)
+    inputs = (wigner.requires_grad_(), x.requires_grad_(), weights[0].requires_grad_(), biases[0].requires_grad_(), weights[1].requires_grad_())
+
+    def fn(w, v, w0, b0, w1):
+        return rotated_linears(w, v, index, other, spans, [w0, w1], [b0, None])
+
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+    with pytest.raises(ValueError, match="tile"):
+        rotated_linears(wigner, x, index, other, [(0, 4), (5, width)], weights, biases)
 
 
 def test_rotate_scatter_matches_reference() -> None:

@@ -22,7 +22,7 @@ from ..so3.harmonics import (
 )
 from ..so3.sphere_points import density_weights, fibonacci_points
 from ..so3.taps import TapCombiner
-from .ops import gather_rotate_pair, rotate_scatter, sample_silu_linear, silu_linear
+from .ops import rotate_scatter, rotated_linears, sample_silu_linear, silu_linear
 
 __all__ = ["EdgeEmbedding", "MessageBlock", "InteractionBlock", "OutputMLP", "SphereSampler"]
 
@@ -138,27 +138,33 @@ class MessageBlock(nn.Module):
         bias = self.edge_out.bias.view(k, c)[position].reshape(-1)
         return weight, bias
 
-    def _tap_inputs(self, pair: torch.Tensor) -> torch.Tensor:
-        """``edge_in`` at every tap: ``[E, K * 2 * C']`` -> ``[E, T, H]`` (before activation)."""
+    def _tap_inputs(
+        self, x: torch.Tensor, wigner: torch.Tensor, source: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """``edge_in`` at every tap of the rotated end points: ``[E, T, H]`` (before activation)."""
         weight, bias = self._input_weight(), self.edge_in.bias
         width = 2 * self.channels  # columns per coefficient
         if self.taps.num_taps == 1:
-            return nn.functional.linear(pair, weight, bias).unsqueeze(1)
+            (h,) = rotated_linears(wigner, x, source, target, [(0, weight.shape[1])], [weight], [bias])
+            return h.unsqueeze(1)
         n0 = self.group_sizes[0] * width
-        h = nn.functional.linear(pair[:, :n0], weight[:, :n0], bias).unsqueeze(1)  # [E, 1, H]
-        weights = self.taps.harmonic_weights.to(pair.dtype).unsqueeze(-1)  # [T, 1 + 2 mmax, 1]
+        spans, weights, biases = [(0, n0)], [weight[:, :n0]], [bias]
         start = n0
-        for m, size in enumerate(self.group_sizes[1:], start=1):
+        for size in self.group_sizes[1:]:
             n = size * width
             w_minus, w_plus = weight[:, start : start + n], weight[:, start + n : start + 2 * n]
-            block = torch.cat(
-                [torch.cat([w_minus, w_plus], dim=1), torch.cat([w_plus, -w_minus], dim=1)], dim=0
-            )
-            both = nn.functional.linear(pair[:, start : start + 2 * n], block)  # [E, 2H]: A_m, B_m
-            a_m, b_m = both.unsqueeze(1).chunk(2, dim=2)
-            h = torch.addcmul(h, weights[:, 2 * m - 1], a_m)  # + cos(m phi_t) A_m
-            h = torch.addcmul(h, weights[:, 2 * m], b_m)  # + sin(m phi_t) B_m
+            # one product gives A_m = W_-m x_-m + W_m x_m and B_m = W_m x_-m - W_-m x_m
+            weights.append(torch.cat([torch.cat([w_minus, w_plus], dim=1), torch.cat([w_plus, -w_minus], dim=1)], dim=0))
+            spans.append((start, start + 2 * n))
+            biases.append(None)
             start += 2 * n
+        terms = rotated_linears(wigner, x, source, target, spans, weights, biases)
+        h = terms[0].unsqueeze(1)  # [E, 1, H]
+        tap_weights = self.taps.harmonic_weights.to(h.dtype).unsqueeze(-1)  # [T, 1 + 2 mmax, 1]
+        for m, both in enumerate(terms[1:], start=1):
+            a_m, b_m = both.unsqueeze(1).chunk(2, dim=2)
+            h = torch.addcmul(h, tap_weights[:, 2 * m - 1], a_m)  # + cos(m phi_t) A_m
+            h = torch.addcmul(h, tap_weights[:, 2 * m], b_m)  # + sin(m phi_t) B_m
         return h
 
     def forward(
@@ -193,8 +199,7 @@ class MessageBlock(nn.Module):
             rows = self.taps.identical_taps_rows
             out_weight, out_bias = self._output_weight(rows)
         else:
-            rotated = gather_rotate_pair(wigner, x, source, target)  # [E, K, 2C']
-            h = self._tap_inputs(rotated.reshape(num_edges, k * 2 * c))  # [E, T, H]
+            h = self._tap_inputs(x, wigner, source, target)  # [E, T, H]
             out_weight, out_bias = self._output_weight()
         h = act_linear(act, h, self.hidden.weight, self.hidden.bias, scale=gate)
         out = act_linear(act, h, out_weight, out_bias, output_activation=True)  # [E, T, R * C']

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.nn.functional import linear
 
-__all__ = ["gather_rotate_pair", "rotate_scatter", "sample_silu_linear", "silu_linear"]
+__all__ = ["rotate_scatter", "rotated_linears", "sample_silu_linear", "silu_linear"]
 
 
 def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -54,55 +54,91 @@ def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad * (s * (1.0 + x * (1.0 - s)))
 
 
-class _GatherRotatePair(torch.autograd.Function):
-    """``out[e] = D[e] @ [x[source[e]], x[target[e]]]`` (channels concatenated), without keeping
-    the gathered ``[E, B, 2C]`` tensor, the largest per-edge tensor of a layer: only ``D``,
-    ``x`` and the indices (alive anyway) are saved, and the gather is redone in backward.
-    Rotating both end points in one product also halves the number of small matrix products.
-    """
+def _rotate_pair(wigner: torch.Tensor, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[E, K, 2C]``: ``wigner @ x[source]`` in channels ``:C``, ``wigner @ x[target]`` after."""
+    return torch.bmm(wigner, torch.cat([x[source], x[target]], dim=2))
+
+
+class _RotatedLinears(torch.autograd.Function):
+    """Rotate both end points of every edge into its frame, then apply linear maps to column
+    spans of the flattened result, without keeping that ``[E, K * 2C]`` tensor (the largest of
+    a message block): it is recomputed from ``x`` in backward. Rotating both end points in one
+    product also halves the number of small matrix products."""
 
     @staticmethod
-    def forward(ctx, wigner, x, source, target):  # noqa: ANN001, ANN205
-        ctx.dtype = _promoted(wigner, x)  # rotations in full precision, also under autocast
-        ctx.save_for_backward(wigner, x, source, target)
+    def forward(ctx, wigner, x, source, target, spans, *weights_and_biases):  # noqa: ANN001, ANN205
+        ctx.rotation_dtype = _promoted(wigner, x)  # rotations in full precision, also under autocast
+        ctx.dtype = _matmul_dtype(x, weights_and_biases[0])
+        ctx.spans = spans
+        ctx.has_bias = [b is not None for b in weights_and_biases[1::2]]
+        ctx.save_for_backward(wigner, x, source, target, *weights_and_biases[0::2])
         with _no_autocast(x):
-            wigner, x = _cast(ctx.dtype, wigner, x)
-            return torch.bmm(wigner, torch.cat([x[source], x[target]], dim=2))
+            wigner, x = _cast(ctx.rotation_dtype, wigner, x)
+            pair = _rotate_pair(wigner, x, source, target).flatten(1).to(ctx.dtype)
+            outputs = []
+            for (lo, hi), weight, bias in zip(spans, weights_and_biases[0::2], weights_and_biases[1::2]):
+                weight, bias = _cast(ctx.dtype, weight, bias)
+                outputs.append(linear(pair[:, lo:hi], weight, bias))
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        with _no_autocast(grad):
-            return _GatherRotatePair._backward(ctx, grad)
+    def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        with _no_autocast(grads[0]):
+            return _RotatedLinears._backward(ctx, grads)
 
     @staticmethod
-    def _backward(ctx, grad):  # noqa: ANN001, ANN205
-        wigner, x, source, target = _cast(ctx.dtype, *ctx.saved_tensors)
-        grad = grad.to(ctx.dtype)
+    def _backward(ctx, grads):  # noqa: ANN001, ANN205
+        wigner, x, source, target, *weights = ctx.saved_tensors
+        wigner_r, x_r = _cast(ctx.rotation_dtype, wigner, x)
+        rotated = _rotate_pair(wigner_r, x_r, source, target)  # [E, K, 2C], recomputed
+        pair = rotated.flatten(1).to(ctx.dtype)
+        grad_weights_and_biases = []
+        grad_pair = []
+        for (lo, hi), weight, has_bias, grad in zip(ctx.spans, weights, ctx.has_bias, grads):
+            grad = grad.to(ctx.dtype)
+            grad_weights_and_biases.append(grad.t() @ pair[:, lo:hi])
+            grad_weights_and_biases.append(grad.sum(0) if has_bias else None)
+            grad_pair.append(grad @ weight.to(ctx.dtype))
+        grad_rotated = torch.cat(grad_pair, dim=1).view_as(rotated).to(ctx.rotation_dtype)
         grad_wigner = grad_x = None
         if ctx.needs_input_grad[0]:
-            gathered = torch.cat([x[source], x[target]], dim=2)
-            grad_wigner = torch.bmm(grad, gathered.transpose(1, 2))
+            gathered = torch.cat([x_r[source], x_r[target]], dim=2)
+            grad_wigner = torch.bmm(grad_rotated, gathered.transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            both = torch.bmm(wigner.transpose(1, 2), grad)  # [E, B, 2C]
+            both = torch.bmm(wigner_r.transpose(1, 2), grad_rotated)  # [E, B, 2C]
             c = x.shape[2]
-            grad_x = torch.zeros_like(x).index_add(0, source, both[..., :c]).index_add(0, target, both[..., c:])
-        return grad_wigner, grad_x, None, None
+            grad_x = torch.zeros_like(x_r).index_add(0, source, both[..., :c]).index_add(0, target, both[..., c:])
+        return (grad_wigner, grad_x, None, None, None, *grad_weights_and_biases)
 
 
-def gather_rotate_pair(
-    wigner: torch.Tensor, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """Rotate both end points' coefficients of every edge into the edge frame.
+def rotated_linears(
+    wigner: torch.Tensor,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    spans: list[tuple[int, int]],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, ...]:
+    """Linear maps of column spans of each edge's rotated end-point coefficients.
 
     Args:
         wigner: ``[E, K, B]`` rows of each edge's Wigner-D matrix.
         x: ``[N, B, C]`` node coefficients.
         source, target: ``[E]`` end points of each edge.
+        spans: ``(start, stop)`` column ranges of the flattened ``[E, K * 2C]`` rotated pair
+            (coefficient-major; within a coefficient, the source's C channels, then the
+            target's); they must tile the columns in order.
+        weights, biases: one ``[G_i, stop_i - start_i]`` weight and ``[G_i]`` bias (or None)
+            per span.
 
     Returns:
-        ``[E, K, 2C]``: ``wigner @ x[source]`` in channels ``:C``, ``wigner @ x[target]`` after.
+        ``[E, G_i]`` per span: ``pair[:, start_i:stop_i] @ weight_i^T + bias_i``.
     """
-    return _GatherRotatePair.apply(wigner, x, source, target)
+    if [lo for lo, _ in spans[1:]] != [hi for _, hi in spans[:-1]] or spans[0][0] != 0:
+        raise ValueError(f"spans must tile the columns in order, got {spans}")
+    args = [t for pair in zip(weights, biases) for t in pair]
+    return _RotatedLinears.apply(wigner, x, source, target, tuple(spans), *args)
 
 
 class _RotateScatter(torch.autograd.Function):
