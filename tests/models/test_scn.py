@@ -17,6 +17,8 @@ from spherical_channels.data.neighbors import build_graph
 from spherical_channels.diagnostics import rotation_mad
 from spherical_channels.models import SCN
 
+from conftest import scale_like_fixtures
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMALL = dict(
     num_interactions=2,
@@ -32,20 +34,9 @@ SMALL = dict(
 )
 
 
-def amplified(model: SCN) -> SCN:
-    """Scale random weights as the fixtures do, so outputs are O(1) and differences visible."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.mul_(2.0)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.mul_(300.0)
-    return model
-
-
 def make_model(dtype=torch.float64, seed: int = 0, **kwargs) -> SCN:
     torch.manual_seed(seed)
-    return amplified(SCN(**{**SMALL, **kwargs})).to(dtype).eval()
+    return scale_like_fixtures(SCN(**{**SMALL, **kwargs})).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")

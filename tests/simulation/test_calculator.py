@@ -17,6 +17,8 @@ from spherical_channels.models.checkpoint import load_model
 from spherical_channels.resources import EXAMPLE_CHECKPOINT, resource_path
 from spherical_channels.simulation import relax
 
+from conftest import scale_like_fixtures
+
 SMALL = dict(num_interactions=2, lmax=3, mmax=1, sphere_channels=8, sphere_channels_reduce=8, hidden_channels=16,
              num_sphere_samples=16, num_basis_functions=8, max_num_neighbors=20, cutoff=5.0)
 
@@ -33,14 +35,7 @@ def slab_with_adsorbate():
 def conservative_model() -> SCN:
     """Random weights scaled as the fixtures' (outputs O(1), so a relaxation has work to do)."""
     torch.manual_seed(0)
-    model = SCN(**SMALL, direct_forces=False)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight.mul_(300.0)
-            elif isinstance(module, torch.nn.Linear):
-                module.weight.mul_(2.0)
-    return model.double().eval()
+    return scale_like_fixtures(SCN(**SMALL, direct_forces=False)).double().eval()
 
 
 def test_calculator_matches_the_model_and_is_deterministic() -> None:

@@ -35,9 +35,18 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace, command: str, **kwargs):
-    """``open_dataset`` from the common options; user errors become SystemExit."""
+    """``open_dataset`` from the common options (and the validation options, where the command
+    has them); user errors become SystemExit."""
     from ..data.datasets import DataError, open_dataset
 
+    if hasattr(args, "require_energy"):
+        kwargs = dict(
+            require_energy=args.require_energy,
+            require_forces=args.require_forces,
+            max_atomic_number=args.max_atomic_number,
+            min_distance=args.min_distance,
+            **kwargs,
+        )
     try:
         return open_dataset(
             args.input,
@@ -86,11 +95,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     from ..data.datasets import DataError, write_dataset
 
-    ds = _open(
-        args, "convert",
-        require_energy=args.require_energy, require_forces=args.require_forces,
-        max_atomic_number=args.max_atomic_number, min_distance=args.min_distance,
-    )
+    ds = _open(args, "convert")
     skipped: list[DataError] = []
 
     def frames():  # streamed: one structure in memory at a time
@@ -139,11 +144,7 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
 def _run_check(args: argparse.Namespace) -> int:
     from ..data.datasets import validate_dataset
 
-    ds = _open(
-        args, "check",
-        require_energy=args.require_energy, require_forces=args.require_forces,
-        max_atomic_number=args.max_atomic_number, min_distance=args.min_distance,
-    )
+    ds = _open(args, "check")
     errors = validate_dataset(ds, progress=not args.quiet)
     for err in errors:
         print(err)

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint file, or 'example'")
     p.add_argument("structures", help="structure file readable by ASE (extxyz, traj, db, ...), or 'example'")
-    p.add_argument("-o", "--output", type=Path, help="write the structures with predictions (extxyz)")
+    p.add_argument("-o", "--output", type=Path, help="write the structures with predictions (extxyz, streamed)")
     p.add_argument("--json", type=Path, help="also write the predictions as JSON")
     p.add_argument("--batch-size", type=int, default=8, help="structures per batch (default 8)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -65,14 +65,18 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     results = []
     start = time.perf_counter()
-    frames = []
+    # predictions are appended batch by batch to a temporary file that replaces the output at
+    # the end: memory stays flat, and an interrupted run leaves no half-written output
+    partial = args.output.with_name(f".{args.output.name}.partial") if args.output else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
     batches = range(0, len(dataset), args.batch_size)
     for first in tqdm(batches, desc="predict", unit="batch", disable=args.quiet):
         try:
             chunk = [dataset[i] for i in range(first, min(len(dataset), first + args.batch_size))]
         except ValueError as err:
             raise SystemExit(f"scn predict: {err}") from None
-        frames.extend(chunk)
         try:
             batch = AtomicBatch.from_atoms(chunk, dtype=dtype, device=args.device)
             with torch.no_grad():
@@ -94,6 +98,8 @@ def _run_predict(args: argparse.Namespace) -> int:
                 "max_force": float(abs(f).max()) if len(f) else 0.0,
                 "forces": f.tolist(),
             })
+        if partial is not None:
+            write(partial, chunk, format="extxyz", append=True)
     elapsed = time.perf_counter() - start
 
     if not args.quiet:
@@ -101,8 +107,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r['index']:>4} {r['formula']:<14} {r['natoms']:>5} {r['energy']:>14.6f} {r['max_force']:>14.6f}")
         print(f"{len(results)} structures in {elapsed:.2f} s ({len(results) / elapsed:.1f} structures/s)")
-    if args.output:
-        write(args.output, frames, format="extxyz")
+    if partial is not None:
+        partial.replace(args.output)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results}))
     return 0
