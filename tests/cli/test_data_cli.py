@@ -101,9 +101,21 @@ def test_stats_json(tmp_path: Path, capsys) -> None:
     assert "force RMS" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["convert", "check", "stats"])
+@pytest.mark.parametrize("command", ["generate", "convert", "check", "stats"])
 def test_help_has_an_example(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["data", command, "--help"])
     assert info.value.code == 0
     assert f"scn data {command}" in capsys.readouterr().out
+
+
+def test_generate_writes_the_reference_data(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ref"
+    assert main(["data", "generate", str(out), "--size", "tiny", "--seed", "1", "--quiet"]) == 0
+    assert "dropped" in capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["seed"] == 1 and set(meta["splits"]) == {"train", "val_id", "test_id", "test_ood_ads", "test_ood_cat", "test_ood_both"}
+    assert len(open_dataset(out / "s2ef" / "train.extxyz", require_energy=True, require_forces=True)) > 0
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(SystemExit, match="scn data generate"):  # a foreign, non-empty directory
+        main(["data", "generate", str(tmp_path), "--size", "tiny", "--quiet"])

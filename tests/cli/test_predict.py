@@ -9,7 +9,7 @@ from ase.io import read
 
 from spherical_channels.cli import main
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_predict_example_reproduces_the_official_outputs(tmp_path: Path) -> None:
