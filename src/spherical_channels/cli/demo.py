@@ -43,7 +43,7 @@ TEST_SPLITS = ("test_id", "test_ood_ads", "test_ood_cat", "test_ood_both")
 
 EPILOG = """\
 examples:
-  scn demo                              # everything, into ./scn-demo (about 10-15 minutes)
+  scn demo                              # everything, into ./scn-demo (about 10 minutes)
   scn demo --output /tmp/demo --train-minutes 4 --relax 2
 """
 
