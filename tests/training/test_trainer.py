@@ -121,7 +121,7 @@ _, batch = collate([(i, trainer.train_data[i]) for i in indices], dtype=torch.fl
 trainer.forward_backward(batch)
 if rank == 0:
     torch.save({k: p.grad for k, p in trainer.model.named_parameters() if p.grad is not None}, sys.argv[2])
-trainer.ctx.close()
+trainer.close()
 """
 
 

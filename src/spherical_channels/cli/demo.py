@@ -161,7 +161,7 @@ def _train(config_dict: dict[str, Any], progress: bool) -> dict[str, Any]:
     try:
         return trainer.train()
     finally:
-        trainer.ctx.close()
+        trainer.close()
 
 
 def _evaluate(checkpoint: Path, data: Path, relax: int, progress: bool) -> dict[str, Any]:

@@ -9,10 +9,10 @@ __all__ = ["add_parser"]
 
 EPILOG = """\
 examples:
-  scn train configs/demo.yaml
-  scn train configs/demo.yaml --resume                 # continue an interrupted run
-  scn train configs/demo.yaml --set optim.max_epochs=50 --set run.output_dir=runs/long
-  torchrun --nproc_per_node=4 $(which scn) train configs/oc20_scn_l6.yaml    # 4 processes
+  scn train configs/small/scn_demo.yaml
+  scn train configs/small/scn_demo.yaml --resume                 # continue an interrupted run
+  scn train configs/small/scn_demo.yaml --set optim.max_epochs=50 --set run.output_dir=runs/long
+  torchrun --nproc_per_node=4 $(which scn) train configs/paper/scn_4tap_2band.yaml   # 4 processes
 """
 
 
@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:  # bad structures met while streaming the data
         raise SystemExit(f"scn train: {err}") from None
     finally:
-        trainer.ctx.close()
+        trainer.close()
     if trainer.ctx.is_main and "final_val" in summary:
         print(json.dumps({"steps": summary["steps"], "final_val": summary["final_val"], "best": summary["best"]}, indent=2))
         print(f"run directory: {config.run.output_dir}")

@@ -43,7 +43,10 @@ class DistributedContext:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. All ranks meet first: a gloo rank that tears its group down
+        while a peer still has collectives in flight aborts the whole run."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ A run directory holds::
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import random
@@ -163,6 +164,14 @@ class Trainer:
             torch.manual_seed(config.run.seed + 1 + self.ctx.rank)
 
     # ------------------------------------------------------------------ statistics
+    def close(self) -> None:
+        """Release the process group (multi-process runs). The DistributedDataParallel wrapper is
+        dropped first so that no reducer outlives the group it talks to."""
+        if self.network is not self.model:
+            self.network = self.model
+            gc.collect()
+        self.ctx.close()
+
     def _statistics(self, state: dict | None) -> "DatasetStatistics":  # noqa: F821
         from ..data.statistics import DatasetStatistics, compute_statistics
 
