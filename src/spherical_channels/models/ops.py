@@ -54,9 +54,22 @@ def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad * (s * (1.0 + x * (1.0 - s)))
 
 
+def _gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[E, B, 2C]``: ``cat([x[source], x[target]], dim=2)`` for ``x`` of shape ``[N, B, C]``.
+
+    Gathered as rows of the ``[N * B, C]`` table in one ``index_select``: concatenating two
+    gathers along the channel dimension costs about four times as much on the CPU."""
+    num_nodes, num_coefficients, channels = x.shape
+    offsets = torch.arange(num_coefficients, device=x.device)
+    rows = torch.stack([source[:, None] * num_coefficients + offsets, target[:, None] * num_coefficients + offsets], dim=2)
+    return x.reshape(num_nodes * num_coefficients, channels).index_select(0, rows.view(-1)).view(
+        len(source), num_coefficients, 2 * channels
+    )
+
+
 def _rotate_pair(wigner: torch.Tensor, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[E, K, 2C]``: ``wigner @ x[source]`` in channels ``:C``, ``wigner @ x[target]`` after."""
-    return torch.bmm(wigner, torch.cat([x[source], x[target]], dim=2))
+    return torch.bmm(wigner, _gather_pair(x, source, target))
 
 
 class _RotatedLinears(torch.autograd.Function):
@@ -102,12 +115,14 @@ class _RotatedLinears(torch.autograd.Function):
         grad_rotated = torch.cat(grad_pair, dim=1).view_as(rotated).to(ctx.rotation_dtype)
         grad_wigner = grad_x = None
         if ctx.needs_input_grad[0]:
-            gathered = torch.cat([x_r[source], x_r[target]], dim=2)
+            gathered = _gather_pair(x_r, source, target)
             grad_wigner = torch.bmm(grad_rotated, gathered.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             both = torch.bmm(wigner_r.transpose(1, 2), grad_rotated)  # [E, B, 2C]
             c = x.shape[2]
-            grad_x = torch.zeros_like(x_r).index_add(0, source, both[..., :c]).index_add(0, target, both[..., c:])
+            # contiguous halves: index_add of a strided source falls off PyTorch's fast CPU path (5x slower)
+            grad_x = torch.zeros_like(x_r).index_add_(0, source, both[..., :c].contiguous())
+            grad_x.index_add_(0, target, both[..., c:].contiguous())
         return (grad_wigner, grad_x, None, None, None, *grad_weights_and_biases)
 
 
