@@ -103,7 +103,10 @@ class _RotatedLinears(torch.autograd.Function):
     def _backward(ctx, grads):  # noqa: ANN001, ANN205
         wigner, x, source, target, *weights = ctx.saved_tensors
         wigner_r, x_r = _cast(ctx.rotation_dtype, wigner, x)
-        rotated = _rotate_pair(wigner_r, x_r, source, target)  # [E, K, 2C], recomputed
+        gathered = _gather_pair(x_r, source, target)  # [E, B, 2C]
+        rotated = torch.bmm(wigner_r, gathered)  # [E, K, 2C], recomputed
+        if not ctx.needs_input_grad[0]:
+            gathered = None  # only the Wigner gradient needs it again
         pair = rotated.flatten(1).to(ctx.dtype)
         grad_weights_and_biases = []
         grad_pair = []
@@ -115,7 +118,6 @@ class _RotatedLinears(torch.autograd.Function):
         grad_rotated = torch.cat(grad_pair, dim=1).view_as(rotated).to(ctx.rotation_dtype)
         grad_wigner = grad_x = None
         if ctx.needs_input_grad[0]:
-            gathered = _gather_pair(x_r, source, target)
             grad_wigner = torch.bmm(grad_rotated, gathered.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             both = torch.bmm(wigner_r.transpose(1, 2), grad_rotated)  # [E, B, 2C]

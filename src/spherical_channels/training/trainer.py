@@ -163,7 +163,6 @@ class Trainer:
         if state is None:  # training randomness (edge rolls) differs between ranks
             torch.manual_seed(config.run.seed + 1 + self.ctx.rank)
 
-    # ------------------------------------------------------------------ statistics
     def close(self) -> None:
         """Release the process group (multi-process runs). The DistributedDataParallel wrapper is
         dropped first so that no reducer outlives the group it talks to."""
@@ -172,6 +171,7 @@ class Trainer:
             gc.collect()
         self.ctx.close()
 
+    # ------------------------------------------------------------------ statistics
     def _statistics(self, state: dict | None) -> "DatasetStatistics":  # noqa: F821
         from ..data.statistics import DatasetStatistics, compute_statistics
 
