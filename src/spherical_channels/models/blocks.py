@@ -22,7 +22,7 @@ from ..so3.harmonics import (
 )
 from ..so3.sphere_points import density_weights, fibonacci_points
 from ..so3.taps import TapCombiner
-from .ops import rotate_scatter, rotated_linears, sample_silu_linear, silu_linear
+from .ops import rotate_scatter, rotated_linears, sample_grid, sample_silu_linear, silu_linear
 
 __all__ = ["EdgeEmbedding", "MessageBlock", "InteractionBlock", "OutputMLP", "SphereSampler"]
 
@@ -291,9 +291,7 @@ class InteractionBlock(nn.Module):
         if type(mlp[1]) is nn.SiLU:
             h = sample_silu_linear(mixed, sample, mlp[0].bias, mlp[2].weight, mlp[2].bias)
         else:
-            num_coeff, num_nodes, features = mixed.shape
-            h = torch.mm(sample, mixed.reshape(num_coeff, -1)).view(-1, num_nodes, features) + mlp[0].bias
-            h = act_linear(mlp[1], h, mlp[2].weight, mlp[2].bias)
+            h = act_linear(mlp[1], sample_grid(mixed, sample, mlp[0].bias), mlp[2].weight, mlp[2].bias)
         h = act_linear(mlp[3], h, mlp[4].weight, mlp[4].bias)  # [P, N, C']
         num_points, num_nodes, c = h.shape
         out = torch.mm(self.grid.from_matrix.to(h.dtype), h.reshape(num_points, num_nodes * c))

@@ -94,7 +94,9 @@ def load_model(
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
-        checkpoint = _read_any(path)
+        from .fairchem import read_fairchem_checkpoint  # reads either kind: safe load first
+
+        checkpoint = read_fairchem_checkpoint(path)
     if is_native_checkpoint(checkpoint):
         model = SCN(**{**checkpoint["model_config"], **overrides})
         ema = checkpoint.get("ema_state_dict")
@@ -113,13 +115,3 @@ def load_model(
         model = load_fairchem_checkpoint(checkpoint, weights=weights, **overrides)
     return model.to(device=device, dtype=dtype)
 
-
-def _read_any(path: Path) -> Mapping[str, Any]:
-    """A checkpoint of either kind: this package's load with ``weights_only=True``; official
-    ones that pickle other objects need full unpickling (only for files the user trusts)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        from .fairchem import read_fairchem_checkpoint
-
-        return read_fairchem_checkpoint(path)

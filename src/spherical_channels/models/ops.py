@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.nn.functional import linear
 
-__all__ = ["rotate_scatter", "rotated_linears", "sample_silu_linear", "silu_linear"]
+__all__ = ["no_autocast", "rotate_scatter", "rotated_linears", "sample_grid", "sample_silu_linear", "silu_linear"]
 
 
 def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -39,9 +39,10 @@ def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tenso
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
-def _no_autocast(reference: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A hand-written function computes in the dtype it chose in forward, in forward and in
-    backward alike (plain autograd Functions would run their backward outside autocast)."""
+def no_autocast(reference: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``reference``'s device. The hand-written functions compute in the dtype
+    they chose in forward, in forward and in backward alike (plain autograd Functions would run
+    their backward outside autocast); the model's geometry and frames use it too."""
     return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
@@ -85,7 +86,7 @@ class _RotatedLinears(torch.autograd.Function):
         ctx.spans = spans
         ctx.has_bias = [b is not None for b in weights_and_biases[1::2]]
         ctx.save_for_backward(wigner, x, source, target, *weights_and_biases[0::2])
-        with _no_autocast(x):
+        with no_autocast(x):
             wigner, x = _cast(ctx.rotation_dtype, wigner, x)
             pair = _rotate_pair(wigner, x, source, target).flatten(1).to(ctx.dtype)
             outputs = []
@@ -96,7 +97,7 @@ class _RotatedLinears(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        with _no_autocast(grads[0]):
+        with no_autocast(grads[0]):
             return _RotatedLinears._backward(ctx, grads)
 
     @staticmethod
@@ -169,7 +170,7 @@ class _RotateScatter(torch.autograd.Function):
     def forward(ctx, wigner: torch.Tensor, message: torch.Tensor, index: torch.Tensor, num_nodes: int):  # noqa: ANN001, ANN205
         ctx.dtype = _promoted(wigner, message)  # sums over many edges: full precision
         ctx.save_for_backward(wigner, message if ctx.needs_input_grad[0] else None, index)
-        with _no_autocast(message):
+        with no_autocast(message):
             wigner, message = _cast(ctx.dtype, wigner, message)
             rotated = torch.bmm(wigner.transpose(1, 2), message)
             out = message.new_zeros(num_nodes, wigner.shape[2], message.shape[2])
@@ -177,7 +178,7 @@ class _RotateScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        with _no_autocast(grad):
+        with no_autocast(grad):
             return _RotateScatter._backward(ctx, grad)
 
     @staticmethod
@@ -217,14 +218,14 @@ class _SiLULinear(torch.autograd.Function):
         ctx.dtype = _matmul_dtype(x, weight)
         ctx.save_for_backward(x, weight, bias, scale)
         ctx.output_silu = output_silu
-        with _no_autocast(x):
+        with no_autocast(x):
             x, weight, bias, scale = _cast(ctx.dtype, x, weight, bias, scale)
             out = linear(_scaled_silu(x, scale), weight, bias)
             return torch.nn.functional.silu(out) if output_silu else out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        with _no_autocast(grad):
+        with no_autocast(grad):
             return _SiLULinear._backward(ctx, grad)
 
     @staticmethod
@@ -265,13 +266,13 @@ class _SampleSiLULinear(torch.autograd.Function):
     def forward(ctx, z, sample, bias1, weight2, bias2):  # noqa: ANN001, ANN205
         ctx.dtype = _matmul_dtype(z, weight2)
         ctx.save_for_backward(z, sample, bias1, weight2)
-        with _no_autocast(z):
+        with no_autocast(z):
             z, sample, bias1, weight2, bias2 = _cast(ctx.dtype, z, sample, bias1, weight2, bias2)
-            return linear(torch.nn.functional.silu(_sample(z, sample, bias1)), weight2, bias2)
+            return linear(torch.nn.functional.silu(sample_grid(z, sample, bias1)), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        with _no_autocast(grad):
+        with no_autocast(grad):
             return _SampleSiLULinear._backward(ctx, grad)
 
     @staticmethod
@@ -279,7 +280,7 @@ class _SampleSiLULinear(torch.autograd.Function):
         z, sample, bias1, weight2 = _cast(ctx.dtype, *ctx.saved_tensors)
         grad = grad.to(ctx.dtype)
         need_z, _, need_bias1, need_weight2, need_bias2 = ctx.needs_input_grad
-        pre = _sample(z, sample, bias1)  # [P, N, F]
+        pre = sample_grid(z, sample, bias1)  # [P, N, F]
         flat_grad = grad.reshape(-1, grad.shape[-1])
         grad_z = grad_bias1 = grad_weight2 = grad_bias2 = None
         if need_weight2:
@@ -296,7 +297,7 @@ class _SampleSiLULinear(torch.autograd.Function):
         return grad_z, None, grad_bias1, grad_weight2, grad_bias2
 
 
-def _sample(z: torch.Tensor, sample: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def sample_grid(z: torch.Tensor, sample: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``[B, N, F]`` coefficients -> ``[P, N, F]`` grid values plus ``bias``."""
     num_coeff, num_nodes, features = z.shape
     values = torch.mm(sample, z.reshape(num_coeff, num_nodes * features))

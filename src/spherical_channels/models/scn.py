@@ -8,7 +8,6 @@ structure and forces per atom (direct, or ``-dE/dx`` by autograd).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ..so3.harmonics import grouped_reduced_coefficients, num_coefficients
 from ..so3.wigner import WignerD
 from .basis import make_distance_expansion
 from .blocks import InteractionBlock, OutputMLP, SphereSampler
+from .ops import no_autocast
 
 __all__ = ["SCN", "EdgeData", "NEAR_NEIGHBOR_RANKS"]
 
@@ -44,11 +44,6 @@ class EdgeData:
     rank: torch.Tensor
     frames: torch.Tensor
     resolution_slices: list[slice]
-
-
-def _full_precision(reference: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off (edge vectors, frames and Wigner-D matrices need full precision)."""
-    return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
 class SCN(nn.Module):
@@ -239,7 +234,7 @@ class SCN(nn.Module):
         )
         x[:, 0, :] = self.sphere_embedding(z).to(dtype)
         expanded = self.distance_expansion(edges.distance)
-        with _full_precision(edges.frames):
+        with no_autocast(edges.frames):
             groups = [
                 (edges_r, wigner(edges.frames[edges_r]))
                 for edges_r, wigner in zip(edges.resolution_slices, self.wigner)
@@ -260,7 +255,7 @@ class SCN(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
             if conservative and not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
-            with _full_precision(positions):  # geometry and frames are never autocast
+            with no_autocast(positions):  # geometry and frames are never autocast
                 edges = self.edge_data(batch, positions, graph)
             out = self.predict(batch, edges)
             if conservative:
