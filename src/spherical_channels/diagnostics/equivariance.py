@@ -14,7 +14,7 @@ from e3nn import o3
 
 from ..data.batch import AtomicBatch
 
-__all__ = ["rotate_batch", "rotation_mad"]
+__all__ = ["random_rotations", "rotate_batch", "rotation_mad"]
 
 
 def rotate_batch(batch: AtomicBatch, rotations: torch.Tensor) -> AtomicBatch:
@@ -37,6 +37,12 @@ def rotate_batch(batch: AtomicBatch, rotations: torch.Tensor) -> AtomicBatch:
 
 
 @torch.no_grad()
+def random_rotations(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``[count, 3, 3]`` rotations uniform on SO(3) (normalised Gaussian quaternions), float64."""
+    quaternions = torch.randn(count, 4, generator=generator, dtype=torch.float64)
+    return o3.quaternion_to_matrix(quaternions / quaternions.norm(dim=1, keepdim=True))
+
+
 def rotation_mad(
     model: torch.nn.Module,
     batch: AtomicBatch,
@@ -52,9 +58,7 @@ def rotation_mad(
     reference = model(batch)
     energy_diff, force_diff = [], []
     for _ in range(num_rotations):
-        quaternions = torch.randn(batch.num_structures, 4, generator=generator, dtype=torch.float64)
-        rotations = o3.quaternion_to_matrix(quaternions / quaternions.norm(dim=1, keepdim=True))
-        rotations = rotations.to(batch.positions.dtype)
+        rotations = random_rotations(batch.num_structures, generator).to(batch.positions.dtype)
         rotated = model(rotate_batch(batch, rotations))
         energy_diff.append((rotated["energy"] - reference["energy"]).abs())
         if "forces" in reference:

@@ -99,7 +99,7 @@ def evaluate_relaxations(
     Returns ``{"is2re": {"energy_mae", "ewt"}, "is2rs": {"adwt", "afbt"?, "mean_distance"},
     "converged_fraction", "mean_steps", "num_structures", "relaxations": [...]}``.
     """
-    from ..simulation.relax import relax
+    from ..simulation.relax import max_free_force, relax
 
     count = len(initial) if max_structures is None else min(max_structures, len(initial))
     items = range(count)
@@ -125,8 +125,7 @@ def evaluate_relaxations(
         if reference_calculator is not None:
             probe = result.atoms.copy()
             probe.calc = reference_calculator()
-            forces = probe.get_forces(apply_constraint=True)
-            true_forces.append(float(np.linalg.norm(forces, axis=1).max()))
+            true_forces.append(max_free_force(probe))
             record["true_max_force"] = true_forces[-1]
         records.append(record)
     out: dict[str, Any] = {

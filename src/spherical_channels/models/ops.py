@@ -236,8 +236,10 @@ class _SiLULinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = grad_scale = None
         if need_weight or need_scale or ctx.output_silu:
             act = torch.nn.functional.silu(x)
+        if need_weight or ctx.output_silu:
+            a = act if scale is None else act * scale  # the linear layer's input
         if ctx.output_silu:
-            grad = _silu_backward(grad, linear(act if scale is None else act * scale, weight, bias))
+            grad = _silu_backward(grad, linear(a, weight, bias))
         if need_x or need_scale:
             grad_a = torch.matmul(grad, weight)
         if need_x:
@@ -245,7 +247,6 @@ class _SiLULinear(torch.autograd.Function):
         if need_scale:
             grad_scale = _sum_to(grad_a * act, scale.shape)
         if need_weight:
-            a = act if scale is None else act * scale
             grad_weight = torch.matmul(grad.reshape(-1, grad.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
         if bias is not None and need_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
-from e3nn import o3
 
 from ..data.batch import AtomicBatch
 from ..models.checkpoint import load_model
@@ -77,11 +76,9 @@ class SCNCalculator(Calculator):
         }
 
     def _rotation_averaged(self, batch: AtomicBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..diagnostics.equivariance import rotate_batch
+        from ..diagnostics.equivariance import random_rotations, rotate_batch
 
-        generator = torch.Generator().manual_seed(self.seed)
-        quaternions = torch.randn(self.rotation_average, 4, generator=generator, dtype=torch.float64)
-        rotations = o3.quaternion_to_matrix(quaternions / quaternions.norm(dim=1, keepdim=True))
+        rotations = random_rotations(self.rotation_average, torch.Generator().manual_seed(self.seed))
         energy, forces = 0.0, torch.zeros_like(batch.positions, dtype=torch.float64)
         for rotation in rotations.to(self.device, self.dtype):
             with torch.no_grad():
