@@ -169,8 +169,9 @@ def _evaluate(checkpoint: Path, data: Path, relax: int, progress: bool) -> dict[
     from ..evaluation.evaluate import evaluate_s2ef, s2ef_baseline
     from ..models.checkpoint import load_checkpoint, load_model
 
-    model = load_model(checkpoint)
-    stats = load_checkpoint(checkpoint)["statistics"]
+    state = load_checkpoint(checkpoint)
+    model = load_model(state)
+    stats = state["statistics"]
     element_energies = {int(z): float(e) for z, e in stats["element_energies"].items()}
     results: dict[str, Any] = {}
     for split in TEST_SPLITS:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_parser"]
 
@@ -65,16 +67,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate_relaxations, evaluate_s2ef, s2ef_baseline
-    from ..models.checkpoint import load_checkpoint, load_model
+    from ..models.checkpoint import load_model, read_checkpoint
     from ..simulation import SCNCalculator
     from .common import data_items, is_emt_data, open_structures
 
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        checkpoint = read_checkpoint(args.checkpoint)
+        model = load_model(checkpoint, device=args.device)
         items = data_items(args.data)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"scn eval: {err}") from None
-    element_energies = _element_energies(args.checkpoint, load_checkpoint) if args.baseline else None
+    element_energies = _element_energies(checkpoint) if args.baseline else None
     reference = None
     if args.reference == "emt" or (args.reference == "auto" and is_emt_data(args.data)):
         from ase.calculators.emt import EMT
@@ -107,11 +110,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _element_energies(checkpoint: str, load_checkpoint) -> dict[int, float]:  # noqa: ANN001
-    try:
-        stats = load_checkpoint(checkpoint).get("statistics")
-    except ValueError:
-        stats = None
+def _element_energies(checkpoint: Mapping[str, Any]) -> dict[int, float]:
+    stats = checkpoint.get("statistics")
     if not stats:
         raise SystemExit("scn eval: --baseline needs a checkpoint trained by this package (it stores the per-element energies)")
     return {int(z): float(e) for z, e in stats["element_energies"].items()}

@@ -27,7 +27,7 @@ import torch
 
 from .scn import SCN
 
-__all__ = ["CHECKPOINT_FORMAT", "is_native_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "is_native_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "spherical_channels/checkpoint-v1"
 
@@ -63,6 +63,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """Read a checkpoint file of either kind, this package's or the official one (for
+    :func:`load_model`, or to look at its statistics without reading the file again). Tries
+    ``weights_only=True`` first; official files that pickle other objects are fully unpickled,
+    which runs code from the file: load only files you trust."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    from .fairchem import read_fairchem_checkpoint
+
+    return read_fairchem_checkpoint(path)
+
+
 def is_native_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     """Whether ``checkpoint`` is in this package's format (else: the official layout)."""
     return checkpoint.get("format") == CHECKPOINT_FORMAT
@@ -88,15 +101,7 @@ def load_model(
     """
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
-    if isinstance(source, Mapping):
-        checkpoint = source
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"no such checkpoint: {path}")
-        from .fairchem import read_fairchem_checkpoint  # reads either kind: safe load first
-
-        checkpoint = read_fairchem_checkpoint(path)
+    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
     if is_native_checkpoint(checkpoint):
         model = SCN(**{**checkpoint["model_config"], **overrides})
         ema = checkpoint.get("ema_state_dict")
