@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.batch import AtomicBatch
 from ..data.neighbors import Graph, build_graph, edge_vectors, neighbor_ranks
-from ..so3.frames import ROLL_MODES, edge_frames
+from ..so3.frames import edge_frames
 from ..so3.harmonics import grouped_reduced_coefficients, num_coefficients
 from ..so3.wigner import WignerD
 from .basis import make_distance_expansion
