@@ -405,9 +405,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def validate(self, data: Dataset | None = None) -> dict[str, float]:
+    def validate(self, data: Dataset | None = None, parity: bool = False) -> dict[str, float]:
         """S2EF metrics of the EMA weights (or the raw ones without EMA) on ``data``
-        (default: the validation set), each rank evaluating its share."""
+        (default: the validation set), each rank evaluating its share. With ``parity``, this
+        rank's predictions and targets are also kept (on the CPU) for the parity plots."""
         data = data if data is not None else self.val_data
         if data is None:
             return {}
@@ -421,7 +422,8 @@ class Trainer:
             generator=torch.Generator(),
         )
         metrics = S2EFMetrics()
-        self._parity = ([], [], [], [], [])
+        if parity:
+            self._parity = ([], [], [], [], [])
         context = self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
         with context as model:
             model.eval()
@@ -429,7 +431,8 @@ class Trainer:
                 batch = batch.to(self.device)
                 prediction = model(batch)
                 metrics.update(prediction, batch, free_only=True)
-                self._collect_parity(prediction, batch)
+                if parity:
+                    self._collect_parity(prediction, batch)
         metrics.sums = all_reduce_sum(metrics.sums.to(self.device), self.ctx).cpu()
         return metrics.compute()
 
@@ -441,8 +444,9 @@ class Trainer:
         ):
             store.append(value.detach().double().cpu())
 
-    def _evaluate_and_save(self) -> None:
-        metrics = self.validate()
+    def _evaluate_and_save(self, parity: bool = False) -> dict[str, float]:
+        """Validate, log, save ``last.pt`` (and ``best.pt`` when validation force MAE improved)."""
+        metrics = self.validate(parity=parity)
         if metrics and self.logger is not None:
             self.logger.log("val", self.step, {**metrics, "epoch": self.epoch})
         improved = bool(metrics) and metrics["force_mae"] < self.best["force_mae"]
@@ -451,15 +455,10 @@ class Trainer:
         self.save("last.pt", metrics)
         if improved:
             self.save("best.pt", metrics, trainer_state=False)
+        return metrics
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        metrics = self.validate()
-        if metrics and self.logger is not None:
-            self.logger.log("val", self.step, {**metrics, "epoch": self.epoch})
-        self.save("last.pt", metrics)
-        if metrics and metrics["force_mae"] < self.best["force_mae"]:
-            self.best = {"force_mae": metrics["force_mae"], "step": self.step}
-            self.save("best.pt", metrics, trainer_state=False)
+        metrics = self._evaluate_and_save(parity=self.ctx.is_main and self.config.run.plots)
         if not (self.checkpoints / "best.pt").exists():
             self.save("best.pt", metrics, trainer_state=False)
         summary = {
