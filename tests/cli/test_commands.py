@@ -67,6 +67,19 @@ def test_eval_every_split_with_baseline_and_relaxations(trained: Path, tiny_refe
         assert "ewt" in row["relax"]["is2re"]
 
 
+def test_eval_files_given_directly(trained: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    """Files, not a generated directory: the task is told from the first structure (relaxed
+    targets: relaxations, else S2EF) and each file is one row named after it."""
+    out = tmp_path / "metrics.json"
+    best = str(trained / "checkpoints" / "best.pt")
+    s2ef, is2re = tiny_reference / "s2ef" / "test_id.extxyz", tiny_reference / "is2re" / "val_id.extxyz"
+    assert main(["eval", best, str(s2ef), str(is2re), "--max-relax", "1", "--steps", "5", "--quiet", "-o", str(out)]) == 0
+    splits = json.loads(out.read_text())["splits"]
+    assert set(splits) == {"test_id", "val_id"}
+    assert set(splits["test_id"]) == {"s2ef"} and splits["test_id"]["s2ef"]["num_structures"] == len(read(s2ef, ":"))
+    assert set(splits["val_id"]) == {"relax"} and "adwt" in splits["val_id"]["relax"]["is2rs"]
+
+
 def test_predict_and_relax(trained: Path, tiny_reference: Path, tmp_path: Path) -> None:
     best = str(trained / "checkpoints" / "best.pt")
     source = tiny_reference / "s2ef" / "test_id.extxyz"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,14 @@ class DataItem:
     name: str
     task: str  # "s2ef" or "relax"
     path: Path
+    data: Any = field(default=None, repr=False)  # the structures, once opened
+
+    def open(self) -> Any:
+        """The structures of ``path`` (opened once: a file given directly was already opened
+        to tell its task)."""
+        if self.data is None:
+            self.data = open_structures(self.path)
+        return self.data
 
 
 def data_items(paths: list[str]) -> list[DataItem]:
@@ -58,9 +66,10 @@ def data_items(paths: list[str]) -> list[DataItem]:
             continue
         if not path.exists():
             raise FileNotFoundError(f"no such file or directory: {path}")
-        first = open_structures(path)[0]
+        data = open_structures(path)
+        first = data[0]
         task = "relax" if ("relaxed_energy" in first.info or "relaxed_positions" in first.arrays) else "s2ef"
-        items.append(DataItem(path.stem, task, path))
+        items.append(DataItem(path.stem, task, path, data))
     return items
 
 

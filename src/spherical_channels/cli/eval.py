@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate_relaxations, evaluate_s2ef, s2ef_baseline
     from ..models.checkpoint import load_model, read_checkpoint
     from ..simulation import SCNCalculator
-    from .common import data_items, is_emt_data, open_structures
+    from .common import data_items, is_emt_data
 
     try:
         checkpoint = read_checkpoint(args.checkpoint)
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     for item in items:
         row = rows.setdefault(item.name, {})
         try:
-            data = open_structures(item.path)
+            data = item.open()
             if item.task == "s2ef":
                 row["s2ef"] = evaluate_s2ef(model, data, args.batch_size, args.device,
                                             max_structures=args.max_structures, progress=not args.quiet)
