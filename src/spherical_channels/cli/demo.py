@@ -121,13 +121,13 @@ def _run(args: argparse.Namespace) -> int:
 
     say("[3/4] evaluation on the test splits (EMA weights, next to the per-element baseline)")
     t = time.perf_counter()
-    checkpoint = run_dir / "checkpoints" / "best.pt"
-    results = _evaluate(checkpoint, data, args.relax, progress=not args.quiet)
+    model, element_energies = _trained_model(run_dir / "checkpoints" / "best.pt")
+    results = _evaluate(model, element_energies, data, progress=not args.quiet)
     timings["eval_s"] = time.perf_counter() - t
 
     say(f"[4/4] relaxations: {args.relax} structure(s) per test split with the ASE calculator (BFGS, fmax 0.05)")
     t = time.perf_counter()
-    _relax(checkpoint, data, args.relax, results, out / "relaxations", progress=not args.quiet)
+    _relax(model, data, args.relax, results, out / "relaxations", progress=not args.quiet)
     timings["relax_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
@@ -164,15 +164,19 @@ def _train(config_dict: dict[str, Any], progress: bool) -> dict[str, Any]:
         trainer.close()
 
 
-def _evaluate(checkpoint: Path, data: Path, relax: int, progress: bool) -> dict[str, Any]:
-    from ..data.datasets import open_dataset
-    from ..evaluation.evaluate import evaluate_s2ef, s2ef_baseline
+def _trained_model(checkpoint: Path) -> tuple[Any, dict[int, float]]:
+    """The model (EMA weights) and its per-element energies, from one read of the file."""
     from ..models.checkpoint import load_checkpoint, load_model
 
     state = load_checkpoint(checkpoint)
-    model = load_model(state)
-    stats = state["statistics"]
-    element_energies = {int(z): float(e) for z, e in stats["element_energies"].items()}
+    element_energies = {int(z): float(e) for z, e in state["statistics"]["element_energies"].items()}
+    return load_model(state), element_energies
+
+
+def _evaluate(model: Any, element_energies: dict[int, float], data: Path, progress: bool) -> dict[str, Any]:
+    from ..data.datasets import open_dataset
+    from ..evaluation.evaluate import evaluate_s2ef, s2ef_baseline
+
     results: dict[str, Any] = {}
     for split in TEST_SPLITS:
         path = data / "s2ef" / f"{split}.extxyz"
@@ -186,7 +190,7 @@ def _evaluate(checkpoint: Path, data: Path, relax: int, progress: bool) -> dict[
     return results
 
 
-def _relax(checkpoint: Path, data: Path, count: int, results: dict[str, Any], trajectories: Path, progress: bool) -> None:
+def _relax(model: Any, data: Path, count: int, results: dict[str, Any], trajectories: Path, progress: bool) -> None:
     from ase.calculators.emt import EMT
 
     from ..data.datasets import open_dataset
@@ -195,7 +199,7 @@ def _relax(checkpoint: Path, data: Path, count: int, results: dict[str, Any], tr
 
     if count <= 0:
         return
-    calculator = SCNCalculator(checkpoint)
+    calculator = SCNCalculator(model)
     for split in TEST_SPLITS:
         path = data / "is2re" / f"{split}.extxyz"
         if not path.exists():
