@@ -46,7 +46,7 @@ class DistributedContext:
         """Leave the process group. All ranks meet first: a gloo rank that tears its group down
         while a peer still has collectives in flight aborts the whole run."""
         if self.distributed and dist.is_initialized():
-            dist.barrier()
+            self.barrier()
             dist.destroy_process_group()
 
 

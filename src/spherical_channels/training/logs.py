@@ -21,6 +21,7 @@ class RunLogger:
     def __init__(self, directory: str | Path, tensorboard: bool = True) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._fields: dict[str, list[str]] = {}  # each phase file's columns, read or set once
         self._tb = None
         if tensorboard:
             try:
@@ -34,12 +35,12 @@ class RunLogger:
         row = {"step": step, **{k: v for k, v in values.items() if isinstance(v, (int, float, str))}}
         path = self.directory / f"{phase}.csv"
         new = not path.exists()
-        if not new:
+        if new:
+            self._fields[phase] = list(row)
+        elif phase not in self._fields:  # a resumed run: keep the file's columns
             with path.open() as fh:
-                header = next(csv.reader(fh), None)
-            fields = header or list(row)
-        else:
-            fields = list(row)
+                self._fields[phase] = next(csv.reader(fh), None) or list(row)
+        fields = self._fields[phase]
         with path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new:
