@@ -108,6 +108,21 @@ def test_extxyz_output_is_read_by_ase(tmp_path: Path) -> None:
         assert_same(got, want)
 
 
+def test_extxyz_keeps_number_like_info_strings(tmp_path: Path) -> None:
+    """Strings that extxyz would parse as numbers or booleans (a facet "111") come back as the
+    same strings, from our reader and from ASE's; real numbers stay numbers."""
+    from ase.io import read
+
+    frame = make_frames(1)[0]
+    info = {"facet": "111", "pair": "1 2", "flags": "T F", "name": "Cu", "count": 3, "x": 1.5}
+    frame.info.update(info)
+    write_dataset([frame], tmp_path / "f.extxyz")
+    for got in (open_dataset(tmp_path / "f.extxyz")[0], read(tmp_path / "f.extxyz")):
+        for key, value in info.items():
+            assert got.info[key] == value, key
+            assert isinstance(got.info[key], str) == isinstance(value, str), key
+
+
 def test_ase_written_extxyz_is_exact_only_to_printed_precision(tmp_path: Path) -> None:
     """ASE prints per-atom floats with %16.8f: positions/forces survive to 1e-8, energy exactly."""
     from ase.io import write

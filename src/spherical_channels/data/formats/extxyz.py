@@ -11,7 +11,9 @@ string that reads back to the same float64) and is read by ASE and any extxyz re
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -31,6 +33,9 @@ _RESERVED_INFO = {"Lattice", "Properties", "pbc"}
 # Per-atom arrays written from the Atoms object itself, not from atoms.arrays.
 _SKIPPED_ARRAYS = {"numbers", "positions", "species", "pos", "move_mask"}
 # extxyz property type letter per numpy dtype kind.
+# how extxyz splits an info value into parts, and the words it reads as booleans
+_INFO_PARTS = re.compile(r"[^\s,]+")
+_BOOL_WORDS = frozenset({"T", "F", "true", "false", "True", "False", "TRUE", "FALSE"})
 _TYPE_LETTER = {"f": "R", "i": "I", "u": "I", "b": "L", "U": "S", "S": "S", "O": "S"}
 
 
@@ -150,7 +155,7 @@ class ExtxyzWriter:
         for name, value in atoms.arrays.items():
             if name not in _SKIPPED_ARRAYS:
                 columns.append((name, np.asarray(value)))
-        info = {k: v for k, v in atoms.info.items() if k not in _RESERVED_INFO}
+        info = {k: _string_safe(v) for k, v in atoms.info.items() if k not in _RESERVED_INFO}
         for name, value in stored_results(atoms).items():
             value = np.asarray(value)
             if value.ndim >= 1 and value.shape[0] == n and name not in ("stress", "dipole"):
@@ -213,6 +218,25 @@ class ExtxyzWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _reads_back_as_str(value: str) -> bool:
+    """Whether extxyz reads the info string ``value`` back as a string (not a number, a
+    boolean or an array of them)."""
+    parts = _INFO_PARTS.findall(value)
+    try:
+        np.array(parts, dtype=float)
+        return False
+    except ValueError:
+        return not all(part in _BOOL_WORDS for part in parts)
+
+
+def _string_safe(value: Any) -> Any:
+    """Strings extxyz would turn into numbers or booleans (a facet "111") as JSON strings, which
+    read back as the same ``str``."""
+    if isinstance(value, str) and not _reads_back_as_str(value):
+        return "_JSON " + json.dumps(value)
+    return value
 
 
 def _voigt_to_full(v: np.ndarray) -> np.ndarray:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import ase
-import ase.io
 import numpy as np
 from ase import Atoms
 from ase.calculators.emt import EMT
@@ -19,6 +17,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.optimize import LBFGS
 from tqdm.auto import tqdm
 
+from ..formats.extxyz import ExtxyzWriter
 from .adsorbates import ADSORBATES, place_adsorbate
 from .catalysts import CATALYSTS, FACETS, TAG_SUBSURFACE, build_slab, catalyst_lattice_constant
 from .sanity import BOND_TOLERANCE, DESORPTION_FACTOR, DROP_REASONS, drop_reason
@@ -41,7 +40,7 @@ __all__ = [
 
 GENERATOR_NAME = "spherical_channels.data.reference"
 # Bump when the content for a given (size, seed) changes.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: written with the package's exact-float extxyz writer
 
 SPLITS = ("train", "val_id", "test_id", "test_ood_ads", "test_ood_cat", "test_ood_both")
 
@@ -77,10 +76,6 @@ _METADATA = "metadata.json"
 _S2EF_DIR = "s2ef"
 _IS2RE_DIR = "is2re"
 _EXTXYZ = "extxyz"
-# extxyz reads an info value back as numbers or booleans when all its whitespace- or
-# comma-separated parts parse as such (see ase.io.extxyz.key_val_str_to_dict).
-_EXTXYZ_PARTS = re.compile(r"[^\s,]+")
-_EXTXYZ_BOOLS = frozenset({"T", "F", "true", "false", "True", "False", "TRUE", "FALSE"})
 
 
 @dataclass(frozen=True)
@@ -449,34 +444,14 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def _reads_back_as_str(value: str) -> bool:
-    """Whether extxyz reads the info string ``value`` back as a string."""
-    parts = _EXTXYZ_PARTS.findall(value)
-    try:
-        np.array(parts, dtype=float)
-        return False
-    except ValueError:
-        return not all(part in _EXTXYZ_BOOLS for part in parts)
-
-
-def _extxyz_safe(value: Any) -> Any:
-    """Write strings extxyz would turn into numbers (the facet "111") as JSON strings, read back as str."""
-    if isinstance(value, str) and not _reads_back_as_str(value):
-        return "_JSON " + json.dumps(value)
-    return value
-
-
 def _write_extxyz(path: Path, frames: list[Atoms]) -> None:
-    """Write frames atomically (temporary file, then rename)."""
+    """Write frames atomically (temporary file, then rename), with the package's writer (exact
+    floats, FixAtoms as move_mask, number-like info strings kept as strings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = []
-    for frame in frames:
-        copy = frame.copy()
-        copy.calc = SinglePointCalculator(copy, **frame.calc.results)
-        copy.info = {key: _extxyz_safe(value) for key, value in frame.info.items()}
-        encoded.append(copy)
     tmp = path.with_name(path.name + ".tmp")
-    ase.io.write(tmp, encoded, format="extxyz")
+    with ExtxyzWriter(tmp) as writer:
+        for frame in frames:
+            writer.write(frame)
     os.replace(tmp, path)
 
 
@@ -502,10 +477,15 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _split_file(kind_dir: str, split: str) -> str:
+    """A split's file, relative to the output directory (as metadata.json records it)."""
+    return f"{kind_dir}/{split}.{_EXTXYZ}"
+
+
 def _split_metadata(split: str, result: _SplitResult) -> dict[str, Any]:
     return {
-        "s2ef": f"{_S2EF_DIR}/{split}.{_EXTXYZ}",
-        "is2re": f"{_IS2RE_DIR}/{split}.{_EXTXYZ}",
+        "s2ef": _split_file(_S2EF_DIR, split),
+        "is2re": _split_file(_IS2RE_DIR, split),
         "num_frames": len(result.s2ef),
         "num_systems": len(result.is2re),
         "frame_types": _count(a.info["frame_type"] for a in result.s2ef),
@@ -571,7 +551,8 @@ def generate_reference_data(
             in it are left alone).
         size: a key of :data:`SIZES` (``"tiny"``, ``"small"``, ``"medium"``).
         seed: non-negative integer seed.
-        progress: show a progress bar over systems and print the dropped counts.
+        progress: show a progress bar over systems (the dropped counts end the report's
+            :meth:`GenerationReport.summary`).
 
     Raises:
         ValueError: unknown size, negative seed, or an unusable ``out_dir``.
@@ -599,8 +580,8 @@ def generate_reference_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     s2ef_paths, is2re_paths = {}, {}
     for split, result in results.items():
-        s2ef_paths[split] = out_dir / _S2EF_DIR / f"{split}.{_EXTXYZ}"
-        is2re_paths[split] = out_dir / _IS2RE_DIR / f"{split}.{_EXTXYZ}"
+        s2ef_paths[split] = out_dir / _split_file(_S2EF_DIR, split)
+        is2re_paths[split] = out_dir / _split_file(_IS2RE_DIR, split)
         _write_extxyz(s2ef_paths[split], result.s2ef)
         _write_extxyz(is2re_paths[split], result.is2re)
     written = time.perf_counter()
@@ -630,6 +611,4 @@ def generate_reference_data(
         s2ef_paths=s2ef_paths,
         is2re_paths=is2re_paths,
     )
-    if progress:
-        print(_dropped_line(report.dropped, report.attempts))
     return report
