@@ -41,10 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.io import write
     from tqdm import tqdm
 
     from ..data.batch import AtomicBatch
+    from ..data.formats.extxyz import ExtxyzWriter
     from ..models.checkpoint import load_model
     from ..resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
     from .common import open_structures
@@ -68,9 +68,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     # predictions are appended batch by batch to a temporary file that replaces the output at
     # the end: memory stays flat, and an interrupted run leaves no half-written output
     partial = args.output.with_name(f".{args.output.name}.partial") if args.output else None
+    writer = None
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.unlink(missing_ok=True)
+        writer = ExtxyzWriter(partial)  # exact floats, like every extxyz this package writes
     batches = range(0, len(dataset), args.batch_size)
     for first in tqdm(batches, desc="predict", unit="batch", disable=args.quiet):
         try:
@@ -98,8 +99,9 @@ def _run_predict(args: argparse.Namespace) -> int:
                 "max_force": float(abs(f).max()) if len(f) else 0.0,
                 "forces": f.tolist(),
             })
-        if partial is not None:
-            write(partial, chunk, format="extxyz", append=True)
+        if writer is not None:
+            for atoms in chunk:
+                writer.write(atoms)
     elapsed = time.perf_counter() - start
 
     if not args.quiet:
@@ -107,7 +109,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r['index']:>4} {r['formula']:<14} {r['natoms']:>5} {r['energy']:>14.6f} {r['max_force']:>14.6f}")
         print(f"{len(results)} structures in {elapsed:.2f} s ({len(results) / elapsed:.1f} structures/s)")
-    if partial is not None:
+    if writer is not None:
+        writer.close()
         partial.replace(args.output)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results}))

@@ -44,9 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ase.io import write
     from tqdm import tqdm
 
+    from ..data.formats.extxyz import ExtxyzWriter
     from ..simulation import SCNCalculator, relax
     from .common import open_structures
 
@@ -67,7 +67,9 @@ def _run(args: argparse.Namespace) -> int:
         relaxed_frames.append(result.atoms)
         results.append({"index": index, "converged": result.converged, "steps": result.steps,
                         "energy": result.energy, "max_force": result.max_force})
-    write(args.output, relaxed_frames, format="extxyz")
+    with ExtxyzWriter(args.output) as writer:  # exact floats, FixAtoms as move_mask
+        for frame in relaxed_frames:
+            writer.write(frame)
     summary = args.output.with_suffix(".json")
     summary.write_text(json.dumps(results, indent=1))
     if not args.quiet:
