@@ -8,15 +8,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from .cells import periodic_cell_is_singular
+from .cells import ZERO_VECTOR_TOL, periodic_cell_is_singular
 
 if TYPE_CHECKING:
     import ase
 
 __all__ = ["AtomicBatch"]
 
-# Cell vectors shorter than this (Angstrom) count as zero.
-_ZERO_VECTOR_TOL = 1e-6
 # At most this many atom indices are listed in an error message.
 _MAX_LISTED = 10
 
@@ -281,7 +279,7 @@ class AtomicBatch:
 
         cell = self.cell.detach().to(torch.float64)
         norms = torch.linalg.vector_norm(cell, dim=2)  # [S, 3]
-        zero_periodic = self.pbc & (norms <= _ZERO_VECTOR_TOL)
+        zero_periodic = self.pbc & (norms <= ZERO_VECTOR_TOL)
         if zero_periodic.any():
             st, ax = torch.nonzero(zero_periodic)[0].tolist()
             raise ValueError(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SINGULAR_REL_TOL", "complete_cell", "periodic_cell_is_singular"]
+__all__ = ["SINGULAR_REL_TOL", "ZERO_VECTOR_TOL", "complete_cell", "periodic_cell_is_singular"]
 
 # Relative volume below which cell vectors count as linearly dependent.
 SINGULAR_REL_TOL = 1e-6
+# Cell vectors shorter than this (Angstrom) count as zero.
+ZERO_VECTOR_TOL = 1e-6
 
 
 def periodic_cell_is_singular(cell: np.ndarray, pbc: np.ndarray, tol: float = SINGULAR_REL_TOL) -> bool:

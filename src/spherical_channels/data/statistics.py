@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from .formats.common import stored_results
+
 if TYPE_CHECKING:
     import ase
 
@@ -103,7 +105,7 @@ def compute_statistics(
         unique, counts = np.unique(numbers, return_counts=True)
         present.update(int(z) for z in unique)
         sizes.append(len(numbers))
-        results = getattr(atoms.calc, "results", None) or {}
+        results = stored_results(atoms)
         if results.get("energy") is not None:
             compositions.append((unique, counts))
             energies.append(float(np.asarray(results["energy"]).reshape(())))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..cells import complete_cell, periodic_cell_is_singular
+from ..cells import ZERO_VECTOR_TOL, complete_cell, periodic_cell_is_singular
 
 from .common import located, stored_results
 
@@ -32,8 +32,6 @@ _OVERLAP_SEARCH_CUTOFF = 2.0
 # A cell thinner than min_distance / this along a periodic axis is rejected outright
 # (the image search would list too many images).
 _MAX_IMAGES_PER_AXIS = 64
-# Cell vectors shorter than this (Angstrom) count as zero.
-_ZERO_VECTOR_TOL = 1e-6
 # At most this many atom indices are listed in a message.
 _MAX_LISTED = 10
 
@@ -120,7 +118,7 @@ def _check_cell(cell: np.ndarray, pbc: np.ndarray, fail) -> None:
     if not pbc.any():
         return
     norms = np.linalg.norm(cell, axis=1)
-    zero = np.flatnonzero(pbc & (norms <= _ZERO_VECTOR_TOL))
+    zero = np.flatnonzero(pbc & (norms <= ZERO_VECTOR_TOL))
     if zero.size:
         fail(f"singular cell: axis {int(zero[0])} is periodic (pbc={pbc.tolist()}) but its cell vector is zero")
     # As AtomicBatch.validate: the periodic cell vectors must be independent (a slab may be
