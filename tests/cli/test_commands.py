@@ -48,7 +48,7 @@ def test_train_reports_bad_configs(tmp_path: Path) -> None:
         main(["train", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {lmaxx: 3}\noptim: {max_steps: 1}\ndataset: {train: x.extxyz}\n")
-    with pytest.raises(SystemExit, match="unknown SCN arguments"):
+    with pytest.raises(SystemExit, match="unknown SCN options"):
         main(["train", str(bad)])
 
 

@@ -119,3 +119,40 @@ def test_generate_writes_the_reference_data(tmp_path: Path, capsys) -> None:
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(SystemExit, match="scn data generate"):  # a foreign, non-empty directory
         main(["data", "generate", str(tmp_path), "--size", "tiny", "--quiet"])
+
+
+def test_check_flags_implausible_and_float32_overflowing_targets(tmp_path: Path, capsys) -> None:
+    """Targets of 1e30 or 1e39 (inf in float32) passed 'scn data check' and then wrecked
+    training; they are now listed, and 1e39 stays an error with the bounds turned off."""
+    bad = frames(6)
+    bad[1].calc.results["energy"] = 1e30
+    bad[2].calc.results["energy"] = -1e39
+    bad[3].calc.results["forces"][2, 0] = 1e39
+    bad[4].calc.results["forces"][1, 1] = -2e4
+    path = tmp_path / "big.extxyz"
+    write_dataset(bad, path)
+    assert main(["data", "check", str(path), "--quiet", "--require-energy", "--require-forces"]) == 1
+    out = capsys.readouterr().out
+    assert "big.extxyz: structure 1: implausible energy 1e+30 eV" in out
+    assert "big.extxyz: structure 2: energy -1e+39 eV is not finite in float32" in out
+    assert "big.extxyz: structure 3: forces not finite in float32" in out
+    assert "big.extxyz: structure 4: implausible forces for atoms 1 (largest component 2e+04 eV/Å" in out
+    assert "6 structures, 4 invalid" in out
+    assert main(["data", "check", str(path), "--quiet", "--max-force", "3e4", "--max-energy-per-atom", "inf"]) == 1
+    out = capsys.readouterr().out
+    assert "structure 1:" not in out and "structure 4:" not in out
+    assert "structure 2: energy -1e+39 eV is not finite in float32" in out and "6 structures, 2 invalid" in out
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(path), "--max-force", "0"])
+    assert "must be > 0" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_validation_constants() -> None:
+    """cli/data.py repeats the defaults (importing them would load torch for --help)."""
+    from spherical_channels.cli import data as cli_data
+    from spherical_channels.data import validation
+
+    assert cli_data.DEFAULT_MAX_ATOMIC_NUMBER == validation.DEFAULT_MAX_ATOMIC_NUMBER
+    assert cli_data.MIN_DISTANCE == validation.MIN_DISTANCE
+    assert cli_data.MAX_ABS_FORCE == validation.MAX_ABS_FORCE
+    assert cli_data.MAX_ABS_ENERGY_PER_ATOM == validation.MAX_ABS_ENERGY_PER_ATOM

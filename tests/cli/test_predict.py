@@ -37,3 +37,159 @@ def test_predict_errors_are_clear(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     assert "CHECKPOINT" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad checkpoints, every command
+
+COMMANDS = ("predict", "eval", "relax")
+
+
+def _bad_checkpoint(kind: str, tmp_path: Path) -> Path:
+    """A file that is not a usable SCN checkpoint, of the given kind."""
+    import torch
+
+    official = FIXTURES / "cfg_tiny" / "ckpt.pt"
+    path = tmp_path / f"{kind}.pt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "truncated":
+        path.write_bytes(official.read_bytes()[: official.stat().st_size // 2])
+    elif kind == "other_model":  # the official layout, for another model class
+        checkpoint = torch.load(official, weights_only=True)
+        checkpoint["config"]["model"] = "gemnet_oc"
+        torch.save(checkpoint, path)
+    elif kind == "unknown_options":  # this package's format, with a configuration it does not know
+        torch.save({"format": "spherical_channels/checkpoint-v1", "model_config": {"lmaxx": 3}, "state_dict": {}}, path)
+    elif kind == "not_a_dict":
+        torch.save([1, 2, 3], path)
+    return path  # "missing": never created
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "kind", ["missing", "directory", "empty", "text", "truncated", "other_model", "unknown_options", "not_a_dict"]
+)
+def test_a_bad_checkpoint_is_one_line_naming_the_file(command: str, kind: str, tmp_path: Path) -> None:
+    path = _bad_checkpoint(kind, tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(path), "example", "--quiet", "-o", str(tmp_path / "out.extxyz")])
+    message = exc.value.code
+    assert isinstance(message, str) and message.startswith(f"scn {command}: ")  # exit status 1, not 0
+    assert str(path) in message and "\n" not in message
+    assert not (tmp_path / "out.extxyz").exists()
+
+
+def test_a_bad_checkpoint_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _bad_checkpoint("truncated", tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from spherical_channels.cli import main; sys.exit(main())",
+         "predict", str(path), "example", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr and str(path) in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def _pickled_official_checkpoint(tmp_path: Path) -> Path:
+    """The cfg_tiny checkpoint with an object that only full unpickling restores (older
+    official trainers pickled such objects into their checkpoints)."""
+    import argparse
+
+    import torch
+
+    checkpoint = torch.load(FIXTURES / "cfg_tiny" / "ckpt.pt", weights_only=True)
+    checkpoint["config"]["cmd"] = argparse.Namespace(seed=0)
+    path = tmp_path / "pickled.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_pickled_checkpoint_needs_trust_pickle(command: str, tmp_path: Path) -> None:
+    path = _pickled_official_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="--trust-pickle") as exc:
+        main([command, str(path), "example", "--quiet"])
+    assert str(path) in exc.value.code
+
+
+def test_trust_pickle_loads_the_checkpoint_and_predicts_as_the_clean_one(tmp_path: Path) -> None:
+    from spherical_channels.security import UntrustedPickleWarning
+
+    path = _pickled_official_checkpoint(tmp_path)
+    source = _three_with_a_bad_middle(tmp_path)
+    source.write_text("\n".join(source.read_text().splitlines()[:4]) + "\n")  # the first structure only
+    with pytest.warns(UntrustedPickleWarning):
+        assert main(["predict", str(path), str(source), "--trust-pickle", "--quiet", "--json", str(tmp_path / "p.json")]) == 0
+    assert main(["predict", str(FIXTURES / "cfg_tiny" / "ckpt.pt"), str(source), "--quiet", "--json", str(tmp_path / "q.json")]) == 0
+    trusted = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    clean = json.loads((tmp_path / "q.json").read_text())["predictions"]
+    assert [p["energy"] for p in trusted] == [p["energy"] for p in clean]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_trust_pickle_reaches_the_structure_reader(command: str, tmp_path: Path, monkeypatch) -> None:
+    """Legacy OC20 LMDBs need the opt-in too: the flag must reach open_structures."""
+    from spherical_channels.cli import common
+
+    seen = []
+
+    def spy(path, trust_pickle=False):  # noqa: ANN001, ANN202
+        seen.append(trust_pickle)
+        raise ValueError(f"{path}: stop here")
+
+    monkeypatch.setattr(common, "open_structures", spy)
+    structures = tmp_path / "s.lmdb"
+    structures.write_bytes(b"x")
+    for flag in ([], ["--trust-pickle"]):
+        with pytest.raises(SystemExit, match="stop here"):
+            main([command, "example" if command == "predict" else str(FIXTURES / "cfg_tiny" / "ckpt.pt"),
+                  str(structures), *flag, "--quiet"])
+    assert seen == [False, True]
+
+
+# ---------------------------------------------------------------- structures that fail, empty input
+
+
+def _three_with_a_bad_middle(tmp_path: Path) -> Path:
+    path = tmp_path / "three.xyz"
+    box = 'Lattice="8 0 0 0 8 0 0 0 8" pbc="T T T"'
+    path.write_text(f"2\n{box}\nH 0 0 0\nH 0 0 0.74\n2\n{box}\nC 0 0 0\nO 0 0 0.00001\n2\n{box}\nH 0 0 0\nH 0 0 0.8\n")
+    return path
+
+
+def test_a_failing_structure_is_reported_and_the_others_are_predicted(tmp_path: Path) -> None:
+    source = _three_with_a_bad_middle(tmp_path)
+    out, out_json = tmp_path / "p.extxyz", tmp_path / "new" / "dir" / "p.json"  # --json's directory is created
+    with pytest.raises(SystemExit, match=r"1 of 3 structures failed .*structure 1.*apart") as exc:
+        main(["predict", "example", str(source), "-o", str(out), "--json", str(out_json), "--batch-size", "3", "--quiet"])
+    assert "\n" not in exc.value.code
+    report = json.loads(out_json.read_text(), parse_constant=_refuse)
+    assert [p["index"] for p in report["predictions"]] == [0, 2]
+    assert [f["index"] for f in report["failures"]] == [1]
+    frames = read(out, ":")
+    assert len(frames) == 2 and [len(a) for a in frames] == [2, 2]
+    assert frames[1].positions[1, 2] == pytest.approx(0.8)
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_empty_or_unreadable_structure_files_are_clear(tmp_path: Path) -> None:
+    empty, junk = tmp_path / "empty.extxyz", tmp_path / "junk.traj"
+    empty.write_text("")
+    junk.write_text("not a trajectory")
+    for path in (empty, junk):
+        with pytest.raises(SystemExit) as exc:
+            main(["predict", "example", str(path), "--quiet"])
+        assert str(path) in exc.value.code and "\n" not in exc.value.code
+    with pytest.raises(SystemExit, match="device 'nonsense' is not usable"):
+        main(["predict", "example", "example", "--device", "nonsense"])
+
+
+def _refuse(token: str) -> None:
+    raise AssertionError(f"non-strict JSON token {token}")

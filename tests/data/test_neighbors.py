@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from spherical_channels.data import AtomicBatch, build_graph, edge_vectors, neighbor_ranks
+from spherical_channels.data.validation import StructureError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -201,8 +202,10 @@ def test_overlapping_atoms_raise(method):
     good = Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]])
     bad = Atoms(mol.get_chemical_symbols(), positions=pos)
     batch = AtomicBatch.from_atoms([good, bad])
-    with pytest.raises(ValueError, match=r"atoms 1 and 3 of structure 1 are 0\.00002 A apart"):
+    expected = r"^structure 1: atoms 1 and 3 are 0\.00002 Å apart \(overlapping atoms: distance <= 0\.01 Å\)$"
+    with pytest.raises(StructureError, match=expected) as info:
         build_graph(batch, 6.0, 40, method=method)
+    assert info.value.index == 1
 
 
 def test_neighbor_ranks_ties_are_a_permutation():
@@ -410,15 +413,15 @@ def test_official_graph_from_unwrapped_extxyz():
 
 
 def test_torch_and_vesin_paths_give_identical_graphs():
-    """Same edges in the same order: capped at 40 on the (rattled, tie-free) fixture
-    structures; uncapped in a batch that also holds a one-atom bulk cell, whose many images
-    of itself give the torch path a different image range than the slabs (with a cap, that
-    cell's exact distance ties at the cut could fall either way in either path)."""
+    """Same edges in the same order: capped at 40 on the fixture structures, uncapped and
+    capped at 16 in a batch that also holds a one-atom bulk cell, whose many images of itself
+    give the torch path a different image range than the slabs, and whose exact distance
+    ties at the cap both paths decide on the same float64 vectors."""
     from ase.io import read
 
     frames = read(FIXTURES / "structures_small.extxyz", ":")
-    batch = AtomicBatch.from_atoms(frames, dtype=torch.float64)
-    for cutoff, cap, structures in [(8.0, 40, frames), (6.0, 10**6, frames + [ase.build.bulk("Cu", "fcc", a=3.6)])]:
+    bulk = ase.build.bulk("Cu", "fcc", a=3.6)
+    for cutoff, cap, structures in [(8.0, 40, frames), (6.0, 10**6, frames + [bulk]), (6.0, 16, frames[:2] + [bulk])]:
         batch = AtomicBatch.from_atoms(structures, dtype=torch.float64)
         a = build_graph(batch, cutoff, cap, method="vesin")
         b = build_graph(batch, cutoff, cap, method="torch")

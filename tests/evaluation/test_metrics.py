@@ -91,3 +91,69 @@ def test_afbt_and_is2re_by_hand() -> None:
     assert average_force_below_threshold([0.005, 0.5]) == 0.5
     m = relaxed_energy_metrics([1.0, 2.0], [1.01, 2.5])
     assert math.isclose(m["energy_mae"], 0.255) and m["ewt"] == 0.5
+
+
+def test_force_metrics_cover_the_structures_with_forces_and_efwt_those_with_both() -> None:
+    """A batch where B lacks forces: the batch's own targets drop forces for both structures
+    (batch.forces is None), so per-structure targets must be used; A's force error counts."""
+    from spherical_channels.evaluation.metrics import S2EFTargets
+
+    prediction, batch = two_structures()
+    targets = S2EFTargets.from_batch(batch)
+    targets.has_forces[1] = False
+    metrics = S2EFMetrics()
+    metrics.update(prediction, batch, targets=targets)
+    m = metrics.compute()
+    # energies of both structures; forces of A's free atom only: errors (0, 0.02, 0)
+    assert math.isclose(m["energy_mae"], (0.01 + 0.5) / 2, abs_tol=1e-12)
+    assert math.isclose(m["force_mae"], 0.02 / 3, abs_tol=1e-12)
+    assert m["efwt"] == 1.0  # A passes; B has no forces, so it is not an EFwT structure
+    assert (m["num_structures"], m["num_energy_structures"], m["num_force_structures"], m["num_efwt_structures"]) == (2, 2, 1, 1)
+    assert m["num_force_atoms"] == 1
+
+
+def test_without_energies_or_predicted_forces_the_metrics_needing_them_are_absent() -> None:
+    from spherical_channels.evaluation.metrics import S2EFTargets
+
+    prediction, batch = two_structures()
+    targets = S2EFTargets.from_batch(batch)
+    targets.has_energy[:] = False
+    metrics = S2EFMetrics()
+    metrics.update(prediction, batch, targets=targets)
+    m = metrics.compute()
+    assert math.isnan(m["energy_mae"]) and math.isnan(m["efwt"]) and m["num_energy_structures"] == 0
+    assert math.isclose(m["force_mae"], (0.02 + 0.5) / 6, abs_tol=1e-12)
+    # a model that predicts no forces: EFwT is undefined, not an energy-only score
+    energy_only = S2EFMetrics()
+    energy_only.update({"energy": prediction["energy"]}, batch)
+    m = energy_only.compute()
+    assert math.isnan(m["efwt"]) and math.isnan(m["force_mae"]) and m["num_efwt_structures"] == 0
+    assert math.isclose(m["energy_mae"], (0.01 + 0.5) / 2, abs_tol=1e-12)
+
+
+def test_targets_from_atoms_read_each_structure_and_refuse_non_finite_ones() -> None:
+    import pytest
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from spherical_channels.evaluation.metrics import S2EFTargets
+
+    a, b, c = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7]]), Atoms("H"), Atoms("O")
+    a.calc = SinglePointCalculator(a, energy=-1.25, forces=[[0, 0, 1.0], [0, 0, -1.0]])
+    b.calc = SinglePointCalculator(b, energy=0.5)
+    targets = S2EFTargets.from_atoms([a, b, c])
+    assert targets.has_energy.tolist() == [True, True, False] and targets.has_forces.tolist() == [True, False, False]
+    assert targets.energy.dtype == torch.float64 and targets.energy[0] == -1.25 and targets.forces.shape == (4, 3)
+    b.calc = SinglePointCalculator(b, energy=float("nan"))
+    with pytest.raises(ValueError, match="structure 11: non-finite reference energy"):
+        S2EFTargets.from_atoms([a, b], first_index=10)
+
+
+def test_json_safe_turns_undefined_numbers_into_null() -> None:
+    import json
+
+    from spherical_channels.evaluation.metrics import json_safe
+
+    value = {"a": float("nan"), "b": [np.float32(1.5), float("inf"), (np.int64(3), True)], 4: {"c": None}}
+    text = json.dumps(json_safe(value), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [3, True]], "4": {"c": None}}

@@ -16,7 +16,7 @@ import torch
 
 from spherical_channels.data.batch import AtomicBatch
 from spherical_channels.models import SCN
-from spherical_channels.models.fairchem import read_fairchem_checkpoint
+from spherical_channels.models.checkpoint import read_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CONFIGS = ["cfg_tiny", "cfg_m0", "cfg_t1b1"]
@@ -128,7 +128,7 @@ def test_same_graph_ranks_and_frames(cfg: str) -> None:
 
 def test_ema_weights_are_used() -> None:
     """cfg_tiny's raw state_dict differs from its EMA weights: only the EMA reproduces the fixture."""
-    checkpoint = read_fairchem_checkpoint(FIXTURES / "cfg_tiny" / "ckpt.pt")
+    checkpoint = read_checkpoint(FIXTURES / "cfg_tiny" / "ckpt.pt")
     assert checkpoint["ema"] is not None
     preds = np.load(FIXTURES / "cfg_tiny" / "preds.npz")
     assert json.loads(str(preds["meta"]))["weights_used"] == "ema"
@@ -140,7 +140,7 @@ def test_ema_weights_are_used() -> None:
 
 
 def test_loader_rejects_wrong_shapes(tmp_path: Path) -> None:
-    checkpoint = read_fairchem_checkpoint(FIXTURES / "cfg_m0" / "ckpt.pt")
+    checkpoint = read_checkpoint(FIXTURES / "cfg_m0" / "ckpt.pt")
     checkpoint["config"]["model_attributes"]["sphere_channels"] = 12
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match="weights do not fit"):
         SCN.from_fairchem(checkpoint)

@@ -245,7 +245,7 @@ def test_mixed_precision_forward_and_backward(direct_forces: bool) -> None:
     """Under bf16 autocast (CPU) the message and grid networks run in bf16, geometry and sums in
     float32: outputs are float32, close to the float32 model's, not identical; gradients finite."""
     model = make_model(torch.float32, direct_forces=direct_forces).train()
-    model.roll = "fixed"  # same frames in both runs
+    model.update_config(roll="fixed")  # same frames in both runs
     batch = AtomicBatch.from_atoms([small_slab(), molecule("CH3OH")])
     reference = model(batch)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):

@@ -46,7 +46,7 @@ def test_samples_are_function_values() -> None:
 @pytest.mark.parametrize("num_bands", [1, 2])
 def test_linear_1x1_aggregation_is_rotation_equivariant(num_bands: int) -> None:
     lmax, channels = 4, 6
-    block = InteractionBlock([lmax], 1, 1, channels, channels, [8], 10, 4, 5, True, num_bands).double()
+    block = _block(lmax, channels, num_bands).double()
     for k in (1, 3):
         block.grid_mlp[k] = torch.nn.Identity()  # pointwise linear network
     x = torch.randn(7, num_coefficients(lmax), channels, dtype=torch.float64)
@@ -61,10 +61,18 @@ def test_silu_1x1_aggregation_is_only_approximately_equivariant() -> None:
     """The paper's Table 5: a non-linear pointwise network is not exactly equivariant."""
     torch.manual_seed(0)
     lmax, channels = 4, 6
-    block = InteractionBlock([lmax], 1, 1, channels, channels, [8], 10, 4, 5, True, 2).double()
+    block = _block(lmax, channels, 2).double()
     x = torch.randn(7, num_coefficients(lmax), channels, dtype=torch.float64)
     s = torch.randn_like(x)
     d = wigner_D(o3.rand_matrix(dtype=torch.float64), lmax)
     out = d @ block.aggregate(x, s)
     mad = (block.aggregate(d @ x, d @ s) - out).abs().mean() / out.abs().mean()
     assert 1e-4 < mad < 0.5
+
+
+def _block(lmax: int, channels: int, num_bands: int) -> InteractionBlock:
+    return InteractionBlock(
+        lmax_list=[lmax], mmax=1, num_taps=1, sphere_channels=channels, sphere_channels_reduce=channels,
+        hidden_channels_list=[8], num_expansion=10, num_basis=4, max_num_elements=5, use_grid=True,
+        num_bands=num_bands,
+    )

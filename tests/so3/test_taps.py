@@ -87,7 +87,7 @@ def setup_edges(lmax: int, channels: int = 3, num_edges: int = 12):
 def test_m0_message_is_independent_of_the_roll() -> None:
     lmax = 4
     torch.manual_seed(0)
-    block = MessageBlock(lmax, 0, -1, 3, 16, 4).double()  # with SiLU: F_e non-linear
+    block = MessageBlock(lmax=lmax, mmax=0, num_taps=-1, channels=3, hidden_channels=16, num_basis=4).double()  # with SiLU: F_e non-linear
     x, feats, index, frames, rolled = setup_edges(lmax)
     a = message_with_frames(block, x, feats, index, frames)
     b = message_with_frames(block, x, feats, index, rolled)
@@ -98,7 +98,7 @@ def test_m0_message_is_independent_of_the_roll() -> None:
 def test_tapped_linear_message_is_roll_equivariant(mmax: int) -> None:
     lmax = 4
     torch.manual_seed(0)
-    block = MessageBlock(lmax, mmax, -1, 3, 16, 4).double()
+    block = MessageBlock(lmax=lmax, mmax=mmax, num_taps=-1, channels=3, hidden_channels=16, num_basis=4).double()
     block.activation = torch.nn.Identity()  # F_e linear in the rotated coefficients
     assert block.taps.num_taps == 4 * mmax
     x, feats, index, frames, rolled = setup_edges(lmax)
@@ -113,7 +113,7 @@ def test_one_tap_message_depends_on_the_roll(mmax: int) -> None:
     """Without taps the same check fails: the test above can fail."""
     lmax = 4
     torch.manual_seed(0)
-    block = MessageBlock(lmax, mmax, 1, 3, 16, 4).double()
+    block = MessageBlock(lmax=lmax, mmax=mmax, num_taps=1, channels=3, hidden_channels=16, num_basis=4).double()
     block.activation = torch.nn.Identity()
     x, feats, index, frames, rolled = setup_edges(lmax)
     a = message_with_frames(block, x, feats, index, frames)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spherical_channels.data.batch import AtomicBatch
-from spherical_channels.models.checkpoint import load_checkpoint, save_checkpoint
+from spherical_channels.models.checkpoint import read_checkpoint, save_checkpoint
 from spherical_channels.training.config import ConfigError, OptimConfig, TrainConfig, load_config
 from spherical_channels.training.distributed import ShardedSampler
 from spherical_channels.training.ema import ExponentialMovingAverage
@@ -172,7 +172,7 @@ def test_config_errors_and_overrides(tmp_path: Path) -> None:
     assert config.optim.lr_initial == pytest.approx(4e-4)  # PyYAML reads 4e-4 as a string
     assert config.optim.batch_size == 16 and config.run.seed == 7
     for text, message in [
-        ("model: {lmaxx: 4}\noptim: {max_steps: 1}\ndataset: {train: t}", "unknown SCN arguments"),
+        ("model: {lmaxx: 4}\noptim: {max_steps: 1}\ndataset: {train: t}", "unknown SCN options"),
         ("model: {}\noptim: {max_steps: 1, lr_intial: 1}\ndataset: {train: t}", "unknown keys"),
         ("model: {}\noptim: {}\ndataset: {train: t}", "max_epochs or max_steps"),
         ("model: {}\noptim: {max_steps: 1}\n", "dataset"),
@@ -196,7 +196,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1  # the old file is intact
+    assert read_checkpoint(path)["step"] == 1  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
 
 

@@ -11,9 +11,19 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .common import add_trust_pickle_argument
+
+# Defaults of spherical_channels.data.validation (DEFAULT_MAX_ATOMIC_NUMBER, MIN_DISTANCE,
+# MAX_ABS_FORCE, MAX_ABS_ENERGY_PER_ATOM), repeated because importing the data package would
+# import torch when the parser is built (tests/cli/test_data_cli.py checks they agree).
+DEFAULT_MAX_ATOMIC_NUMBER = 89
+MIN_DISTANCE = 0.01
+MAX_ABS_FORCE = 1e4
+MAX_ABS_ENERGY_PER_ATOM = 1e6
+
 __all__ = ["add_parser", "add_generate", "add_convert", "add_check", "add_stats", "SUBCOMMANDS"]
 
-_FORMATS_HELP = "extxyz (.extxyz/.xyz), db (ASE SQLite), aselmdb, oc20-lmdb (.lmdb, read only)"
+_FORMATS_HELP = "extxyz (.extxyz/.xyz), db (ASE SQLite), aselmdb, oc20-lmdb (.lmdb, read only, needs --trust-pickle)"
 _EPILOG_STYLE = argparse.RawDescriptionHelpFormatter
 
 
@@ -22,15 +32,52 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-format", metavar="F", help=f"input format (default: from the extension): {_FORMATS_HELP}")
     p.add_argument("--energy-key", metavar="K", help="read the energy from info[K] instead of the stored results")
     p.add_argument("--forces-key", metavar="K", help="read forces from the per-atom array K instead of the stored results")
+    add_trust_pickle_argument(p)
+
+
+def _positive(text: str) -> float:
+    """argparse type: a float > 0 (``inf`` allowed, to turn a bound off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
 
 
 def _add_validation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-energy", action="store_true", help="a structure without an energy is an error")
     p.add_argument("--require-forces", action="store_true", help="a structure without forces is an error")
-    p.add_argument("--max-atomic-number", type=int, default=89, metavar="Z", help="largest valid atomic number (default 89)")
     p.add_argument(
-        "--min-distance", type=float, default=0.01, metavar="A",
-        help="atoms closer than this (Angstrom) overlap (default 0.01)",
+        "--max-atomic-number", type=int, default=DEFAULT_MAX_ATOMIC_NUMBER, metavar="Z",
+        help=f"largest valid atomic number (default {DEFAULT_MAX_ATOMIC_NUMBER})",
+    )
+    p.add_argument(
+        "--min-distance", type=_non_negative, default=MIN_DISTANCE, metavar="A",
+        help=f"atoms this close (Angstrom) or closer overlap (default {MIN_DISTANCE}; 0: no overlap search)",
+    )
+    # Bounds far beyond any DFT label (see spherical_channels.data.validation for the numbers):
+    # a value past them is a unit or parsing error, and would wreck training.
+    p.add_argument(
+        "--max-force", type=_positive, default=MAX_ABS_FORCE, metavar="F",
+        help=f"largest plausible force component, eV/A (default {MAX_ABS_FORCE:g}; inf: no bound)",
+    )
+    p.add_argument(
+        "--max-energy-per-atom", type=_positive, default=MAX_ABS_ENERGY_PER_ATOM, metavar="E",
+        help=f"largest plausible |energy| per atom, eV (default {MAX_ABS_ENERGY_PER_ATOM:g}, above all-electron "
+        "energies; inf: no bound)",
     )
 
 
@@ -45,6 +92,8 @@ def _open(args: argparse.Namespace, command: str, **kwargs):
             require_forces=args.require_forces,
             max_atomic_number=args.max_atomic_number,
             min_distance=args.min_distance,
+            max_abs_force=None if args.max_force == float("inf") else args.max_force,
+            max_abs_energy_per_atom=None if args.max_energy_per_atom == float("inf") else args.max_energy_per_atom,
             **kwargs,
         )
     try:
@@ -53,6 +102,7 @@ def _open(args: argparse.Namespace, command: str, **kwargs):
             args.input_format,
             energy_key=args.energy_key,
             forces_key=args.forces_key,
+            trust_pickle=args.trust_pickle,
             **kwargs,
         )
     except DataError as err:

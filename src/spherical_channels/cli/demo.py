@@ -166,9 +166,9 @@ def _train(config_dict: dict[str, Any], progress: bool) -> dict[str, Any]:
 
 def _trained_model(checkpoint: Path) -> tuple[Any, dict[int, float]]:
     """The model (EMA weights) and its per-element energies, from one read of the file."""
-    from ..models.checkpoint import load_checkpoint, load_model
+    from ..models.checkpoint import load_model, read_checkpoint
 
-    state = load_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint)
     element_energies = {int(z): float(e) for z, e in state["statistics"]["element_energies"].items()}
     return load_model(state), element_energies
 

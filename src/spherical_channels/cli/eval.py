@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ examples:
 """
 
 _COLUMNS = [
+    ("num_structures", "N", "{:d}"),
     ("energy_mae", "E MAE eV", "{:.4f}"),
     ("force_mae", "F MAE eV/A", "{:.4f}"),
     ("force_cos", "F cos", "{:.3f}"),
@@ -32,7 +33,7 @@ _COLUMNS = [
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``scn eval``."""
-    from .common import OPTIMIZER_NAMES
+    from .common import OPTIMIZER_NAMES, add_trust_pickle_argument
 
     p = subparsers.add_parser(
         "eval",
@@ -42,7 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "atoms, and EFwT; files of initial structures with relaxed targets (relaxed_energy, "
             "relaxed_positions) are relaxed with the model and give IS2RE (MAE, EwT) and IS2RS "
             "(ADwT; AFbT when a reference calculator is known, as for the built-in EMT data). A "
-            "directory written by 'scn data generate' is evaluated split by split."
+            "directory written by 'scn data generate' is evaluated split by split. Each metric "
+            "covers the structures that have what it needs (energy metrics: a reference energy; force "
+            "metrics: reference forces; EFwT: both), and the report says how many that was; metrics "
+            "with nothing to cover are '-' in the table and null in the JSON. A structure that "
+            "cannot be relaxed is reported and left out of IS2RE/IS2RS."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,60 +66,123 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", choices=("auto", "emt", "none"), default="auto",
                    help="calculator giving the true forces for AFbT (auto: EMT for the built-in data)")
     p.add_argument("--baseline", action="store_true", help="also report the per-element-energy, zero-force baseline")
+    add_trust_pickle_argument(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..evaluation.evaluate import evaluate_relaxations, evaluate_s2ef, s2ef_baseline
-    from ..models.checkpoint import load_model, read_checkpoint
     from ..simulation import SCNCalculator
     from .common import data_items, is_emt_data
+    from .predict import check_device, describe_failure, load_checkpoint_model, naming, one_line, prepare_output
 
-    try:
-        checkpoint = read_checkpoint(args.checkpoint)
-        model = load_model(checkpoint, device=args.device)
-        items = data_items(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"scn eval: {err}") from None
-    element_energies = _element_energies(checkpoint) if args.baseline else None
+    for name in ("batch_size", "max_structures", "max_relax"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"scn eval: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.fmax > 0 or args.steps < 0:
+        raise SystemExit(f"scn eval: need --fmax > 0 and --steps >= 0, got {args.fmax} and {args.steps}")
+    device = check_device("eval", args.device)
+    checkpoint, model = load_checkpoint_model("eval", args.checkpoint, device=device, dtype=torch.float32,
+                                              trust_pickle=args.trust_pickle)
+    element_energies = _element_energies(checkpoint, args.checkpoint) if args.baseline else None
+    items = []
+    for path in args.data:  # one at a time, to name the one that fails
+        try:
+            items.extend(data_items([path], trust_pickle=args.trust_pickle))
+        except Exception as err:  # noqa: BLE001 - a bad data file, whichever reader raised
+            raise SystemExit(f"scn eval: {naming(path, one_line(err))}") from None
+    prepare_output("eval", args.output)
+    calculator = None
+    if not args.no_relax and any(item.task == "relax" for item in items):
+        try:
+            calculator = SCNCalculator(model, device=device)
+        except ValueError as err:  # e.g. a model without forces
+            raise SystemExit(f"scn eval: {naming(args.checkpoint, one_line(err))}") from None
     reference = None
     if args.reference == "emt" or (args.reference == "auto" and is_emt_data(args.data)):
         from ase.calculators.emt import EMT
 
         reference = EMT
-    calculator = SCNCalculator(model, device=args.device)
     rows: dict[str, dict] = {}
     for item in items:
         row = rows.setdefault(item.name, {})
         try:
             data = item.open()
+            if len(data) == 0:
+                raise ValueError("holds no structures")
             if item.task == "s2ef":
-                row["s2ef"] = evaluate_s2ef(model, data, args.batch_size, args.device,
+                row["s2ef"] = evaluate_s2ef(model, data, args.batch_size, device,
                                             max_structures=args.max_structures, progress=not args.quiet)
                 if element_energies is not None:
                     row["baseline"] = s2ef_baseline(data, element_energies, batch_size=args.batch_size,
                                                     max_structures=args.max_structures)
-            elif not args.no_relax:
+            elif calculator is not None:
+
+                def report(index: int, message: str, path: Path = item.path) -> None:
+                    print(f"scn eval: not relaxed: {describe_failure(path, index, message)}", file=sys.stderr)
+
                 result = evaluate_relaxations(calculator, data, args.optimizer, args.fmax, args.steps,
                                               reference_calculator=reference, max_structures=args.max_relax,
-                                              progress=not args.quiet)
+                                              progress=not args.quiet, on_failure=report)
                 row["relax"] = {k: v for k, v in result.items() if k != "relaxations"}
-        except ValueError as err:
-            raise SystemExit(f"scn eval: {item.path}: {err}") from None
+                row["relax"]["failed"] = [r for r in result["relaxations"] if "error" in r]
+        except Exception as err:  # noqa: BLE001 - name the file; the splits done so far are kept
+            message = naming(item.path, one_line(err))
+            if not row:
+                del rows[item.name]
+            _write(args, rows, incomplete=message)
+            raise SystemExit(f"scn eval: {message}" + (f" (the splits done are in {args.output})" if args.output else "")) from None
     if not args.quiet:
         print(format_table(rows))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"checkpoint": str(args.checkpoint), "splits": rows}, indent=2))
+        for line in coverage_notes(rows):
+            print(line)
+    _write(args, rows)
     return 0
 
 
-def _element_energies(checkpoint: Mapping[str, Any]) -> dict[int, float]:
+def _write(args: argparse.Namespace, rows: dict[str, dict], incomplete: str | None = None) -> None:
+    """The metrics as strict JSON (undefined ones null); ``incomplete`` says why a run stopped."""
+    from .predict import write_json
+
+    if args.output:
+        report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "splits": rows}
+        if incomplete is not None:
+            report["incomplete"] = incomplete
+        write_json(args.output, report, indent=2)
+
+
+def _element_energies(checkpoint: Mapping[str, Any], path: str) -> dict[int, float]:
     stats = checkpoint.get("statistics")
-    if not stats:
-        raise SystemExit("scn eval: --baseline needs a checkpoint trained by this package (it stores the per-element energies)")
+    if not stats or "element_energies" not in stats:
+        raise SystemExit(f"scn eval: {path}: --baseline needs a checkpoint trained by this package "
+                         "(it stores the per-element energies)")
     return {int(z): float(e) for z, e in stats["element_energies"].items()}
+
+
+def coverage_notes(rows: dict[str, dict]) -> list[str]:
+    """One line per split whose metrics do not all cover the same structures (some lack an
+    energy or forces), or whose relaxations partly failed: what each metric covers."""
+    lines = []
+    for name, row in rows.items():
+        s2ef = row.get("s2ef")
+        if s2ef:
+            n = s2ef["num_structures"]
+            counts = (s2ef["num_energy_structures"], s2ef["num_force_structures"], s2ef["num_efwt_structures"])
+            if counts != (n, n, n):
+                lines.append(f"{name}: of {n} structures, energy metrics cover {counts[0]}, force metrics "
+                             f"{counts[1]}, EFwT {counts[2]} (the others lack a reference energy or forces)")
+        relax = row.get("relax")
+        if relax and relax.get("num_failed"):
+            lines.append(f"{name}: {relax['num_failed']} of {relax['num_structures']} relaxations failed "
+                         "(left out of IS2RE/IS2RS)")
+        if relax and relax.get("num_reference_failed"):
+            lines.append(f"{name}: the reference calculator failed on {relax['num_reference_failed']} relaxed "
+                         "structures (left out of AFbT)")
+    return lines
 
 
 def flatten(row: dict) -> dict[str, float]:
@@ -124,6 +192,8 @@ def flatten(row: dict) -> dict[str, float]:
     if "is2re" in relax:
         flat["is2re_mae"], flat["ewt"] = relax["is2re"]["energy_mae"], relax["is2re"]["ewt"]
     flat.update({k: v for k, v in relax.get("is2rs", {}).items() if k in ("adwt", "afbt")})
+    if "num_structures" not in flat and "num_structures" in relax:
+        flat["num_structures"] = relax["num_structures"]
     return flat
 
 
@@ -138,6 +208,7 @@ def format_table(rows: dict[str, dict]) -> str:
             cells = []
             for key, _, fmt in _COLUMNS:
                 value = values.get(key)
-                cells.append(f"{fmt.format(value):>12}" if value is not None and not math.isnan(value) else f"{'-':>12}")
+                defined = isinstance(value, (int, float)) and math.isfinite(value)
+                cells.append(f"{fmt.format(value):>12}" if defined else f"{'-':>12}")
             lines.append(f"{label:<16}" + "".join(cells))
     return "\n".join(lines)

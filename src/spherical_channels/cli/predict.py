@@ -1,17 +1,27 @@
-"""``scn predict``: energies and forces of structures with a checkpoint."""
+"""``scn predict``: energies and forces of structures with a checkpoint.
+
+Also the loading helpers that ``scn eval`` and ``scn relax`` share with it: each turns a bad
+checkpoint, structure file or device into a one-line ``SystemExit`` naming it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``scn predict``."""
+    from .common import add_trust_pickle_argument
+
     p = subparsers.add_parser(
         "predict",
         help="predict energies and forces of structures with an SCN checkpoint",
@@ -20,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "this package ('scn train'), one written by the official implementation (fairchem/OCP "
             "layout, e.g. the released OC20 SCN models), or 'example' for the small random-weight "
             "checkpoint shipped with the package. STRUCTURES is a data set (extxyz, .db, .aselmdb, "
-            "OC20 .lmdb), any file ASE can read (all frames are used), or 'example'."
+            "OC20 .lmdb), any file ASE can read (all frames are used), or 'example'. A structure "
+            "the model cannot take is reported and skipped; the command then exits with status 1."
         ),
     )
     p.add_argument("checkpoint", help="checkpoint file, or 'example'")
@@ -34,84 +45,245 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--weights", choices=("auto", "ema", "raw"), default="auto",
         help="'auto' uses EMA weights when the checkpoint has them (as the official calculator)",
     )
+    add_trust_pickle_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run_predict)
 
 
+# ---------------------------------------------------------------------- shared by eval, relax
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its first line of text, after its type unless it is one of
+    the ValueError / OSError kinds whose messages say what is wrong by themselves."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {lines[0]}"
+
+
+def naming(path: Path | str, message: str) -> str:
+    """``message``, prefixed with ``path`` unless it names it already."""
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def check_device(command: str, device: str) -> Any:
+    """``torch.device(device)``, or a ``SystemExit`` when it is malformed or not usable here
+    (checked before any work, so that it is not mistaken for a bad checkpoint)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+        torch.zeros(1, device=parsed)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+        raise SystemExit(f"scn {command}: device {device!r} is not usable: {one_line(err)}") from None
+    return parsed
+
+
+def load_checkpoint_model(
+    command: str,
+    path: Path | str,
+    *,
+    weights: str = "auto",
+    device: Any = "cpu",
+    dtype: Any = None,
+    trust_pickle: bool = False,
+) -> tuple[Mapping[str, Any], Any]:
+    """``(checkpoint dictionary, SCN in eval mode)`` from ``path``; any failure (missing file,
+    directory, empty, truncated, not a checkpoint, another model, weights that do not fit) is
+    a one-line ``SystemExit`` naming the file."""
+    from ..models.checkpoint import load_model, read_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"scn {command}: no such file: {path} (the checkpoint)")
+    try:
+        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+        model = load_model(checkpoint, weights=weights, dtype=dtype)
+    # the loader names the file for the failures it knows; anything else a file can make
+    # torch or the model constructor raise is still this file's fault, not a crash
+    except Exception as err:  # noqa: BLE001
+        # load_model names a dictionary it was handed "checkpoint": the file is the name here
+        message = re.sub(r"^checkpoint: ", "", one_line(err))
+        if str(path) not in message:
+            message = f"{path}: cannot load the checkpoint: {message}"
+        raise SystemExit(f"scn {command}: {message}") from None
+    return checkpoint, model.to(device=device)
+
+
+def open_input_structures(command: str, path: Path | str, trust_pickle: bool = False) -> Sequence[Any]:
+    """The structures of ``path`` (:func:`~.common.open_structures`); a missing, unreadable or
+    empty file is a one-line ``SystemExit`` naming it."""
+    from .common import open_structures
+
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"scn {command}: no such file: {path}")
+    try:
+        structures = open_structures(path, trust_pickle=trust_pickle)
+    except Exception as err:  # noqa: BLE001 - ASE's readers raise many types for a bad file
+        raise SystemExit(f"scn {command}: {naming(path, one_line(err))}") from None
+    if len(structures) == 0:
+        raise SystemExit(f"scn {command}: {path} holds no structures")
+    return structures
+
+
+def prepare_output(command: str, path: Path | None) -> None:
+    """Create the parent directory of an output file before any work, so that a path that
+    cannot be written fails at once rather than after the computation."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SystemExit(f"scn {command}: output {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"scn {command}: cannot create the directory of {path}: {one_line(err)}") from None
+
+
+def describe_failure(source: Path | str, index: int, message: str) -> str:
+    """"structure INDEX of SOURCE: MESSAGE", unless the message already says where."""
+    return message if str(source) in message else f"structure {index} of {source}: {message}"
+
+
+def write_json(path: Path, value: Any, indent: int = 1) -> None:
+    """Strict JSON (undefined numbers as null, never a ``NaN`` token)."""
+    from ..evaluation.metrics import json_safe
+
+    path.write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False))
+
+
+# ---------------------------------------------------------------------- scn predict
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
-    from ase.calculators.singlepoint import SinglePointCalculator
     from tqdm import tqdm
 
-    from ..data.batch import AtomicBatch
     from ..data.formats.extxyz import ExtxyzWriter
-    from ..models.checkpoint import load_model
     from ..resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
-    from .common import open_structures
 
     checkpoint = resource_path(EXAMPLE_CHECKPOINT) if args.checkpoint == "example" else Path(args.checkpoint)
     structures = resource_path(EXAMPLE_STRUCTURES) if args.structures == "example" else Path(args.structures)
-    for path in (checkpoint, structures):
-        if not path.exists():
-            raise SystemExit(f"scn predict: no such file: {path}")
     if args.batch_size < 1:
         raise SystemExit("scn predict: --batch-size must be >= 1")
+    if args.output is not None and args.json is not None and args.output.resolve() == args.json.resolve():
+        raise SystemExit("scn predict: -o and --json name the same file")
+    device = check_device("predict", args.device)
     dtype = getattr(torch, args.dtype)
-    try:
-        model = load_model(checkpoint, weights=args.weights, device=args.device, dtype=dtype)
-        dataset = open_structures(structures)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"scn predict: {err}") from None
+    _, model = load_checkpoint_model("predict", checkpoint, weights=args.weights, device=device, dtype=dtype,
+                                     trust_pickle=args.trust_pickle)
+    dataset = open_input_structures("predict", structures, trust_pickle=args.trust_pickle)
+    prepare_output("predict", args.output)
+    prepare_output("predict", args.json)
 
-    results = []
+    results: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     start = time.perf_counter()
     # predictions are appended batch by batch to a temporary file that replaces the output at
     # the end: memory stays flat, and an interrupted run leaves no half-written output
     partial = args.output.with_name(f".{args.output.name}.partial") if args.output else None
-    writer = None
-    if partial is not None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        writer = ExtxyzWriter(partial)  # exact floats, like every extxyz this package writes
-    batches = range(0, len(dataset), args.batch_size)
-    for first in tqdm(batches, desc="predict", unit="batch", disable=args.quiet):
-        try:
-            chunk = [dataset[i] for i in range(first, min(len(dataset), first + args.batch_size))]
-        except ValueError as err:
-            raise SystemExit(f"scn predict: {err}") from None
-        try:
-            batch = AtomicBatch.from_atoms(chunk, dtype=dtype, device=args.device)
-            with torch.no_grad():
-                out = model(batch)
-        except ValueError as err:
-            raise SystemExit(f"scn predict: structures {first}..{first + len(chunk) - 1} of {structures}: {err}") from None
-        forces = out["forces"].cpu().double().numpy()
-        offset = 0
-        for k, atoms in enumerate(chunk):
-            energy = float(out["energy"][k])
-            f = forces[offset : offset + len(atoms)]
-            offset += len(atoms)
-            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=f)
-            results.append({
-                "index": first + k,
-                "formula": atoms.get_chemical_formula(),
-                "natoms": len(atoms),
-                "energy": energy,
-                "max_force": float(abs(f).max()) if len(f) else 0.0,
-                "forces": f.tolist(),
-            })
+    writer = ExtxyzWriter(partial) if partial is not None else None  # exact floats
+    done = False
+    try:
+        for first in tqdm(range(0, len(dataset), args.batch_size), desc="predict", unit="batch", disable=args.quiet):
+            indices = range(first, min(len(dataset), first + args.batch_size))
+            for index, atoms, out in _predict_chunk(model, dataset, indices, dtype, device, failures, structures):
+                atoms.calc = _single_point(atoms, out)
+                record = {"index": index, "formula": atoms.get_chemical_formula(), "natoms": len(atoms),
+                          "energy": out["energy"],
+                          "max_force": float(abs(out["forces"]).max()) if len(atoms) else 0.0}
+                if args.json:  # kept only when asked for: memory stays flat otherwise
+                    record["forces"] = out["forces"].tolist()
+                results.append(record)
+                if writer is not None:
+                    writer.write(atoms)
+        done = True
+    finally:
         if writer is not None:
-            for atoms in chunk:
-                writer.write(atoms)
-    elapsed = time.perf_counter() - start
+            writer.close()
+            if done:
+                partial.replace(args.output)
+            elif results:  # interrupted: keep what was predicted, under its temporary name
+                print(f"scn predict: interrupted; the {len(results)} structures predicted so far are in {partial}",
+                      file=sys.stderr)
+            else:
+                partial.unlink(missing_ok=True)
+    elapsed = max(time.perf_counter() - start, 1e-9)
 
     if not args.quiet:
         print(f"{'#':>4} {'formula':<14} {'atoms':>5} {'energy / eV':>14} {'max|F| / eV/A':>14}")
         for r in results:
             print(f"{r['index']:>4} {r['formula']:<14} {r['natoms']:>5} {r['energy']:>14.6f} {r['max_force']:>14.6f}")
         print(f"{len(results)} structures in {elapsed:.2f} s ({len(results) / elapsed:.1f} structures/s)")
-    if writer is not None:
-        writer.close()
-        partial.replace(args.output)
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results}))
+        write_json(args.json, {"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results,
+                               "failures": failures})
+    if failures:
+        first = failures[0]
+        raise SystemExit(f"scn predict: {len(failures)} of {len(dataset)} structures failed (first: "
+                         f"{describe_failure(structures, first['index'], first['error'])}); the others were predicted")
     return 0
+
+
+def _single_point(atoms: Any, out: dict[str, Any]) -> Any:
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    return SinglePointCalculator(atoms, energy=out["energy"], forces=out["forces"])
+
+
+def _predict_chunk(
+    model: Any, dataset: Sequence[Any], indices: range, dtype: Any, device: Any, failures: list, source: Path
+) -> list[tuple[int, Any, dict[str, Any]]]:
+    """``(index, atoms, {"energy", "forces"})`` for the structures of ``indices`` the model
+    can take; the others are appended to ``failures`` (and reported on stderr). A batch that
+    fails is retried structure by structure, to name the culprit and keep the rest."""
+    chunk = []
+    for index in indices:
+        try:
+            chunk.append((index, dataset[index]))
+        except Exception as err:  # noqa: BLE001 - a bad record must not stop the others
+            _fail(failures, index, err, source)
+    if not chunk:
+        return []
+    try:
+        return _predict_batch(model, chunk, dtype, device)
+    except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
+        if len(chunk) == 1:
+            _fail(failures, chunk[0][0], err, source)
+            return []
+    out = []
+    for item in chunk:
+        try:
+            out.extend(_predict_batch(model, [item], dtype, device))
+        except Exception as err:  # noqa: BLE001
+            _fail(failures, item[0], err, source)
+    return out
+
+
+def _predict_batch(model: Any, chunk: list[tuple[int, Any]], dtype: Any, device: Any) -> list[tuple[int, Any, dict]]:
+    import numpy as np
+    import torch
+
+    from ..data.batch import AtomicBatch
+
+    batch = AtomicBatch.from_atoms([atoms for _, atoms in chunk], dtype=dtype, device=device)
+    with torch.no_grad():
+        out = model(batch)
+    energies = out["energy"].detach().double().cpu().numpy().reshape(-1)
+    forces = np.split(out["forces"].detach().double().cpu().numpy(), np.cumsum(batch.natoms.cpu().numpy())[:-1])
+    results = []
+    for k, (index, atoms) in enumerate(chunk):
+        if not (np.isfinite(energies[k]) and np.isfinite(forces[k]).all()):
+            raise ValueError(f"structure {k}: the model predicts a non-finite energy or forces")
+        results.append((index, atoms, {"energy": float(energies[k]), "forces": forces[k]}))
+    return results
+
+
+_BATCH_PREFIX = re.compile(r"^structure 0: ")  # a one-structure batch's own numbering
+
+
+def _fail(failures: list, index: int, err: BaseException, source: Path) -> None:
+    message = _BATCH_PREFIX.sub("", one_line(err))
+    failures.append({"index": index, "error": message})
+    print(f"scn predict: {describe_failure(source, index, message)}", file=sys.stderr)

@@ -2,6 +2,7 @@
 validation, statistics)."""
 
 from .batch import AtomicBatch
+from .validation import MIN_DISTANCE, StructureError, validate_atoms, validate_batch
 from .datasets import (
     DataError,
     StructureDataset,
@@ -18,13 +19,17 @@ __all__ = [
     "DataError",
     "DatasetStatistics",
     "Graph",
+    "MIN_DISTANCE",
     "StructureDataset",
+    "StructureError",
     "UnknownFormatError",
     "build_graph",
     "compute_statistics",
     "edge_vectors",
     "neighbor_ranks",
     "open_dataset",
+    "validate_atoms",
+    "validate_batch",
     "validate_dataset",
     "write_dataset",
 ]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SINGULAR_REL_TOL", "ZERO_VECTOR_TOL", "complete_cell", "periodic_cell_is_singular"]
+__all__ = [
+    "SINGULAR_REL_TOL",
+    "ZERO_VECTOR_TOL",
+    "complete_cell",
+    "periodic_cell_is_singular",
+    "periodic_cells_are_singular",
+    "periodic_heights",
+    "periodic_heights_many",
+]
 
 # Relative volume below which cell vectors count as linearly dependent.
 SINGULAR_REL_TOL = 1e-6
@@ -18,11 +26,16 @@ def periodic_cell_is_singular(cell: np.ndarray, pbc: np.ndarray, tol: float = SI
     lengths (scale-free; for three periodic axes this is ``|det| <= tol * |a||b||c|``). Vectors
     of non-periodic axes do not matter: a slab may be periodic in x and y only, with a zero
     third vector."""
-    rows = np.asarray(cell, dtype=np.float64)[np.asarray(pbc, dtype=bool)]
-    if len(rows) == 0:
-        return False
-    gram = np.linalg.det(rows @ rows.T)
-    return bool(gram <= (tol * float(np.prod(np.linalg.norm(rows, axis=1)))) ** 2)
+    return bool(periodic_cells_are_singular(np.asarray(cell)[None], pbc, tol)[0])
+
+
+def periodic_cells_are_singular(cells: np.ndarray, pbc: np.ndarray, tol: float = SINGULAR_REL_TOL) -> np.ndarray:
+    """[S] bool: :func:`periodic_cell_is_singular` for cells [S, 3, 3] sharing one ``pbc``."""
+    rows = np.asarray(cells, dtype=np.float64)[:, np.asarray(pbc, dtype=bool)]  # [S, P, 3]
+    if rows.shape[1] == 0:
+        return np.zeros(len(rows), dtype=bool)
+    gram = np.linalg.det(rows @ rows.transpose(0, 2, 1))
+    return gram <= (tol * np.prod(np.linalg.norm(rows, axis=2), axis=1)) ** 2
 
 
 def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
@@ -53,3 +66,31 @@ def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
         cell[k] = v / np.linalg.norm(v)
         ortho.append(cell[k])
     return cell
+
+
+def periodic_heights(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """[P] for each periodic axis (in axis order): the distance between the cell's opposite
+    faces along it, within the lattice of the periodic axes alone, i.e. the distance from its
+    vector to the span of the other periodic vectors (its length when it is the only periodic
+    axis). Non-periodic vectors do not count: a slab's third vector may be anything.
+
+    The image search of a neighbour list visits about ``2 * cutoff / height`` images along each
+    periodic axis."""
+    return periodic_heights_many(np.asarray(cell)[None], pbc)[0]
+
+
+def periodic_heights_many(cells: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """[S, P]: :func:`periodic_heights` for cells [S, 3, 3] sharing one ``pbc``."""
+    rows = np.asarray(cells, dtype=np.float64)[:, np.asarray(pbc, dtype=bool)]  # [S, P, 3]
+    count, p = rows.shape[:2]
+    if p == 0:
+        return np.zeros((count, 0))
+    gram = rows @ rows.transpose(0, 2, 1)
+    full = np.maximum(np.linalg.det(gram), 0.0)
+    heights = np.zeros((count, p))
+    for k in range(p):
+        others = [m for m in range(p) if m != k]
+        minor = np.linalg.det(gram[:, others][:, :, others]) if others else np.ones(count)
+        ok = minor > 0
+        heights[ok, k] = np.sqrt(full[ok] / minor[ok])
+    return heights

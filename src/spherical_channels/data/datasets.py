@@ -12,7 +12,11 @@ Example::
                         collate_fn=AtomicBatch.from_atoms)
 
 Formats: see :data:`spherical_channels.data.formats.FORMATS` (extxyz, ASE ``.db``,
-``.aselmdb``, legacy OC20 ``.lmdb``).
+``.aselmdb``, legacy OC20 ``.lmdb``, which holds pickles and is opened only with
+``trust_pickle=True``).
+
+Reading never modifies the input (SQLite is opened read-only, LMDB without a lock file), and
+a file that holds no structures (a 0-byte file included) is an error, not an empty dataset.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .formats import (
     unknown_extension,
 )
 from .formats.common import located, set_results, stored_results
+from .validation import MAX_ABS_ENERGY_PER_ATOM, MAX_ABS_FORCE
 
 if TYPE_CHECKING:
     import ase
@@ -84,6 +89,8 @@ class StructureDataset(torch.utils.data.Dataset):
         require_forces: bool = False,
         max_atomic_number: int = DEFAULT_MAX_ATOMIC_NUMBER,
         min_distance: float = DEFAULT_MIN_DISTANCE,
+        max_abs_force: Optional[float] = MAX_ABS_FORCE,
+        max_abs_energy_per_atom: Optional[float] = MAX_ABS_ENERGY_PER_ATOM,
         validate: bool = True,
     ):
         self.path = Path(path)
@@ -94,6 +101,8 @@ class StructureDataset(torch.utils.data.Dataset):
         self.require_forces = require_forces
         self.max_atomic_number = max_atomic_number
         self.min_distance = min_distance
+        self.max_abs_force = max_abs_force
+        self.max_abs_energy_per_atom = max_abs_energy_per_atom
         self.validate = validate
         self._readers = list(readers)
         # _ends[k]: one past the last dataset index held by reader k.
@@ -131,6 +140,8 @@ class StructureDataset(torch.utils.data.Dataset):
                     require_forces=self.require_forces,
                     max_atomic_number=self.max_atomic_number,
                     min_distance=self.min_distance,
+                    max_abs_force=self.max_abs_force,
+                    max_abs_energy_per_atom=self.max_abs_energy_per_atom,
                 )
         except DataError as err:
             if len(self._readers) > 1:
@@ -224,8 +235,20 @@ def _resolve(path: Path, format: Optional[str]) -> tuple[FormatSpec, list[Path]]
         if spec is None:
             raise unknown_extension(path)
         return spec, [path]
-    if (path / _LMDB_DATA_FILE).is_file() and (spec is None or spec.name == "oc20-lmdb"):
-        return FORMATS["oc20-lmdb"], [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: neither a regular file nor a directory", path)
+    if (path / _LMDB_DATA_FILE).is_file():
+        # An LMDB environment stored as a directory may hold anything: it is taken for a
+        # legacy OC20 LMDB only when named so (*.lmdb) or when that format is asked for.
+        if (spec is not None and spec.name == "oc20-lmdb") or (spec is None and format_of_file(path) is FORMATS["oc20-lmdb"]):
+            return FORMATS["oc20-lmdb"], [path]
+        if spec is None:
+            raise DataError(
+                f"{path}: directory holds an LMDB environment ({_LMDB_DATA_FILE}) whose format cannot be told "
+                f"from its name; if it is a legacy OC20 LMDB, give the format (format='oc20-lmdb', "
+                f"--input-format oc20-lmdb) or name the directory *.lmdb",
+                path,
+            )
     by_format: dict[str, list[Path]] = {}
     for child in sorted(path.iterdir()):
         child_spec = format_of_file(child)
@@ -256,14 +279,19 @@ def open_dataset(
     require_forces: bool = False,
     max_atomic_number: int = DEFAULT_MAX_ATOMIC_NUMBER,
     min_distance: float = DEFAULT_MIN_DISTANCE,
+    max_abs_force: Optional[float] = MAX_ABS_FORCE,
+    max_abs_energy_per_atom: Optional[float] = MAX_ABS_ENERGY_PER_ATOM,
     validate: bool = True,
+    trust_pickle: bool = False,
 ) -> StructureDataset:
     """Open a structure file, or a directory of files of one format (concatenated in
     sorted name order), as a :class:`StructureDataset`.
 
     Args:
         path: ``.extxyz``/``.xyz``, ``.db``, ``.aselmdb``, ``.lmdb`` (legacy OC20, pickled:
-            trusted files only), or a directory of them.
+            trusted files only, see ``trust_pickle``), or a directory of them. A directory
+            holding ``data.mdb`` (an LMDB environment) is a legacy OC20 LMDB only if it is
+            named ``*.lmdb`` or ``format`` says so.
         format: a name from :data:`~spherical_channels.data.formats.FORMATS` (or an
             alias); default: from the extension.
         energy_key / forces_key: read the energy from ``info[energy_key]`` and forces
@@ -271,17 +299,38 @@ def open_dataset(
             instead of the stored calculator results.
         require_energy / require_forces: a structure without them is an error.
         max_atomic_number: larger atomic numbers are "unknown element" errors.
-        min_distance: atoms (or periodic images) closer than this (Angstrom) are errors.
+        min_distance: atoms (or periodic images) this close (Angstrom) or closer are errors.
+        max_abs_force / max_abs_energy_per_atom: plausibility bounds on force components
+            (eV/A) and |energy| per atom (eV); None turns a bound off. Targets that are not
+            finite in float32 are errors regardless.
         validate: check each structure on access (see ``check_structure``).
+        trust_pickle: allow legacy OC20 LMDBs, whose entries are unpickled (running code
+            from the file); without it opening one raises :class:`DataError` before anything
+            is unpickled.
 
     Raises:
-        DataError: unknown format, missing or unreadable file.
+        DataError: unknown format, missing, unreadable or empty file (one that holds no
+            structures), or a legacy OC20 LMDB without ``trust_pickle``.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory", path)
     spec, files = _resolve(path, format)
-    readers = [spec.open_reader(f) for f in files]
+    for f in files:  # before any reader opens it: ASE would write its schema into an empty .db
+        data_file = f / _LMDB_DATA_FILE if f.is_dir() else f
+        if data_file.is_file() and data_file.stat().st_size == 0:
+            raise DataError(f"{f}: holds no structures (the file is empty: 0 bytes)", f)
+    readers = []
+    try:
+        for f in files:
+            reader = spec.reader(f, trust_pickle=trust_pickle)
+            readers.append(reader)
+            if len(reader) == 0:
+                raise DataError(f"{f}: holds no structures", f)
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
     return StructureDataset(
         path,
         spec.name,
@@ -292,6 +341,8 @@ def open_dataset(
         require_forces=require_forces,
         max_atomic_number=max_atomic_number,
         min_distance=min_distance,
+        max_abs_force=max_abs_force,
+        max_abs_energy_per_atom=max_abs_energy_per_atom,
         validate=validate,
     )
 
@@ -319,11 +370,16 @@ def write_dataset(
     """Write structures to a new file (extxyz, db or aselmdb), streaming; returns how
     many were written. Energy, forces, fixed atoms, tags, positions, cell, pbc and numbers
     round-trip exactly through :func:`open_dataset` (extxyz floats are written with
-    ``repr``). On error the partial file is removed.
+    ``repr``).
+
+    The structures go to a temporary file next to ``path``, which replaces ``path`` only once
+    all are written: on error (or with no structures) nothing is left behind and an existing
+    ``path`` is kept, so ``frames`` may even be read from ``path`` itself.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
-        DataError: unknown or read-only format.
+        DataError: unknown or read-only format, or no structures to write (a file without
+            structures could not be read back).
     """
     path = Path(path)
     spec = format_from_name(format) if format is not None else format_of_file(path)
@@ -334,16 +390,24 @@ def write_dataset(
         raise DataError(f"{path}: format {spec.name} is read-only here; write one of: {writable}", path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
-    _remove_output(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file to write", path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    _remove_output(partial)
     count = 0
     try:
-        with spec.open_writer(path) as writer:
+        with spec.open_writer(partial, label=path) as writer:
             for atoms in frames:
                 writer.write(atoms)
                 count += 1
-    except BaseException:
-        _remove_output(path)
-        raise
+        if count == 0:
+            raise DataError(f"{path}: no structures to write (not written)", path)
+        os.replace(partial, path)
+        lock = path.with_name(path.name + _LMDB_LOCK_SUFFIX)
+        if lock.is_file():  # the lock file of the environment just replaced
+            lock.unlink()
+    finally:
+        _remove_output(partial)
     return count
 
 

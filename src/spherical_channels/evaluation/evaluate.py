@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..data.batch import AtomicBatch
 from ..models.scn import SCN
 from .metrics import (
     S2EFMetrics,
+    S2EFTargets,
     average_distance_within_threshold,
     average_force_below_threshold,
     minimum_image_distances,
@@ -24,9 +26,40 @@ __all__ = ["evaluate_s2ef", "evaluate_relaxations", "per_element_baseline", "s2e
 
 
 def _batches(dataset: Sequence[Atoms], batch_size: int, limit: int | None) -> Any:
+    """``(index of the first structure, [structures])`` per batch."""
     count = len(dataset) if limit is None else min(limit, len(dataset))
     for start in range(0, count, batch_size):
-        yield [dataset[i] for i in range(start, min(count, start + batch_size))]
+        yield start, [dataset[i] for i in range(start, min(count, start + batch_size))]
+
+
+def _batch(frames: list[Atoms], first: int, dtype: torch.dtype, device: str | torch.device) -> AtomicBatch:
+    """``AtomicBatch.from_atoms``, its errors naming the structure by its index in the data
+    set (the batch's own messages count from the batch's first structure)."""
+    try:
+        return AtomicBatch.from_atoms(frames, dtype=dtype, device=device)
+    except ValueError as err:
+        for k, atoms in enumerate(frames):
+            try:
+                AtomicBatch.from_atoms([atoms], dtype=dtype)
+            except ValueError as single:
+                raise ValueError(f"structure {first + k}: {_STRUCTURE_PREFIX.sub('', str(single))}") from None
+        raise ValueError(f"structures {first}..{first + len(frames) - 1}: {err}") from None
+
+
+_STRUCTURE_PREFIX = re.compile(r"^structure 0: ")
+
+
+def _check_prediction(prediction: dict[str, torch.Tensor], batch: AtomicBatch, first: int) -> None:
+    """A non-finite prediction would turn a metric into a silent NaN: name the structure."""
+    for key, per_atom in (("energy", False), ("forces", True)):
+        value = prediction.get(key)
+        if value is None:
+            continue
+        bad = ~torch.isfinite(value.detach().reshape(len(value), -1)).all(dim=1)
+        if bad.any():
+            index = int(torch.nonzero(bad)[0])
+            structure = int(batch.batch[index]) if per_atom else index
+            raise ValueError(f"structure {first + structure}: the model predicts a non-finite {key}")
 
 
 @torch.no_grad()
@@ -39,8 +72,20 @@ def evaluate_s2ef(
     max_structures: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """S2EF metrics (:class:`~.metrics.S2EFMetrics`) of ``model`` on ``dataset`` (structures
-    with reference energies and forces; forces evaluated on free atoms)."""
+    """S2EF metrics (:class:`~.metrics.S2EFMetrics`) of ``model`` on ``dataset`` (forces
+    evaluated on free atoms). A structure may lack a reference energy or forces: each metric
+    covers the structures that have what it needs, and the ``num_*_structures`` counts say
+    how many that was (NaN metrics cover none). References are read in float64, whatever
+    ``dtype`` the model runs in.
+
+    Raises:
+        ValueError: ``batch_size`` or ``max_structures`` below 1, a structure the model cannot
+            take, a non-finite reference or prediction (the message names the structure).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_structures is not None and max_structures < 1:
+        raise ValueError(f"max_structures must be >= 1, got {max_structures}")
     if isinstance(model, torch.nn.Module):
         model.eval()
     metrics = S2EFMetrics()
@@ -50,9 +95,12 @@ def evaluate_s2ef(
 
         total = -(-min(len(dataset), max_structures or len(dataset)) // batch_size)
         batches = tqdm(batches, total=total, desc="S2EF", unit="batch", leave=False)
-    for frames in batches:
-        batch = AtomicBatch.from_atoms(frames, dtype=dtype, device=device)
-        metrics.update(model(batch), batch)
+    for first, frames in batches:
+        targets = S2EFTargets.from_atoms(frames, first_index=first)
+        batch = _batch(frames, first, dtype, device)
+        prediction = model(batch)
+        _check_prediction(prediction, batch, first)
+        metrics.update(prediction, batch, targets=targets)
     return metrics.compute()
 
 
@@ -64,8 +112,10 @@ def per_element_baseline(element_energies: dict[int, float]) -> Callable[[Atomic
         table[int(z)] = value
 
     def predict(batch: AtomicBatch) -> dict[str, torch.Tensor]:
-        z = batch.atomic_numbers.clamp(max=len(table) - 1)
-        per_atom = table.to(batch.positions.device)[z]
+        z = batch.atomic_numbers
+        known = z < len(table)
+        # an element without a reference energy counts 0 (as DatasetStatistics.reference_energy)
+        per_atom = torch.where(known, table.to(z.device)[z.clamp(max=len(table) - 1)], 0.0)
         energy = torch.zeros(batch.num_structures, dtype=torch.float64, device=per_atom.device)
         energy = energy.index_add(0, batch.batch, per_atom)
         return {"energy": energy, "forces": torch.zeros_like(batch.positions)}
@@ -88,6 +138,7 @@ def evaluate_relaxations(
     max_structures: int | None = None,
     trajectory_dir: str | None = None,
     progress: bool = False,
+    on_failure: Callable[[int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Relax initial structures with the model; IS2RE and IS2RS metrics.
 
@@ -96,11 +147,20 @@ def evaluate_relaxations(
     factory, e.g. ``ase.calculators.emt.EMT`` for the built-in data), the true forces at the
     model-relaxed structures give AFbT.
 
-    Returns ``{"is2re": {"energy_mae", "ewt"}, "is2rs": {"adwt", "afbt"?, "mean_distance"},
-    "converged_fraction", "mean_steps", "num_structures", "relaxations": [...]}``.
-    """
-    from ..simulation.relax import max_free_force, relax
+    A structure that cannot be relaxed (the model or the reference calculator fails on it, its
+    targets are malformed) does not stop the others: its record holds ``"error"``, it is
+    counted in ``num_failed`` and left out of the metrics, and ``on_failure(index, message)``
+    is called. A reference calculator that fails on a relaxed structure leaves that structure
+    out of AFbT only (its record holds ``"reference_error"``). Each metric group says how many
+    structures it covers (``num_structures``; ``num_afbt_structures`` for AFbT).
 
+    Returns ``{"is2re": {"energy_mae", "ewt", "num_structures"}, "is2rs": {"adwt", "afbt"?,
+    "num_afbt_structures"?, "mean_distance", "num_structures"}, "converged_fraction", "mean_steps", "num_structures",
+    "num_relaxed", "num_failed", "num_reference_failed", "relaxations": [...]}``; ``converged_fraction`` and
+    ``mean_steps`` are over the relaxed structures (NaN when none was).
+    """
+    if max_structures is not None and max_structures < 1:
+        raise ValueError(f"max_structures must be >= 1, got {max_structures}")
     count = len(initial) if max_structures is None else min(max_structures, len(initial))
     items = range(count)
     if progress:
@@ -109,38 +169,87 @@ def evaluate_relaxations(
         items = tqdm(items, desc="relax", unit="structure", leave=False)
     energies, targets, distances, true_forces, records = [], [], [], [], []
     for index in items:
-        atoms = initial[index]
         trajectory = f"{trajectory_dir}/{index:05d}.traj" if trajectory_dir else None
-        result = relax(atoms, calculator, optimizer=optimizer, fmax=fmax, steps=steps, trajectory=trajectory)
-        record = {"index": index, "converged": result.converged, "steps": result.steps, "energy": result.energy}
-        if "relaxed_energy" in atoms.info:
-            energies.append(result.energy)
-            targets.append(float(atoms.info["relaxed_energy"]))
-            record["relaxed_energy"] = targets[-1]
-        if "relaxed_positions" in atoms.arrays:
-            free = ~_fixed_mask(atoms)
-            d = minimum_image_distances(result.atoms.positions[free], atoms.arrays["relaxed_positions"][free], atoms.cell.array, atoms.pbc)
-            distances.append(float(d.mean()) if d.size else 0.0)
-            record["mean_distance"] = distances[-1]
-        if reference_calculator is not None:
-            probe = result.atoms.copy()
-            probe.calc = reference_calculator()
-            true_forces.append(max_free_force(probe))
-            record["true_max_force"] = true_forces[-1]
+        try:
+            record = _relax_one(initial[index], index, calculator, optimizer, fmax, steps, reference_calculator,
+                                trajectory)
+        except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
+            message = f"{type(err).__name__}: {err}"
+            records.append({"index": index, "error": message})
+            if on_failure is not None:
+                on_failure(index, message)
+            continue
         records.append(record)
+        if "relaxed_energy" in record:
+            energies.append(record["energy"])
+            targets.append(record["relaxed_energy"])
+        if "mean_distance" in record:
+            distances.append(record["mean_distance"])
+            if "true_max_force" in record:
+                true_forces.append(record["true_max_force"])
+    relaxed = [r for r in records if "error" not in r]
     out: dict[str, Any] = {
         "num_structures": count,
-        "converged_fraction": float(np.mean([r["converged"] for r in records])) if records else float("nan"),
-        "mean_steps": float(np.mean([r["steps"] for r in records])) if records else float("nan"),
+        "num_relaxed": len(relaxed),
+        "num_failed": count - len(relaxed),
+        "num_reference_failed": sum("reference_error" in r for r in relaxed),
+        "converged_fraction": float(np.mean([r["converged"] for r in relaxed])) if relaxed else float("nan"),
+        "mean_steps": float(np.mean([r["steps"] for r in relaxed])) if relaxed else float("nan"),
         "relaxations": records,
     }
     if energies:
-        out["is2re"] = relaxed_energy_metrics(energies, targets)
+        out["is2re"] = {**relaxed_energy_metrics(energies, targets), "num_structures": len(energies)}
     if distances:
-        out["is2rs"] = {"adwt": average_distance_within_threshold(distances), "mean_distance": float(np.mean(distances))}
+        out["is2rs"] = {"adwt": average_distance_within_threshold(distances), "mean_distance": float(np.mean(distances)),
+                        "num_structures": len(distances)}
         if true_forces:
+            # AFbT over the structures with an IS2RS target whose true forces are known
             out["is2rs"]["afbt"] = average_force_below_threshold(true_forces)
+            out["is2rs"]["num_afbt_structures"] = len(true_forces)
     return out
+
+
+def _relax_one(
+    atoms: Atoms,
+    index: int,
+    calculator: Calculator,
+    optimizer: str,
+    fmax: float,
+    steps: int,
+    reference_calculator: Callable[[], Calculator] | None,
+    trajectory: str | None,
+) -> dict[str, Any]:
+    """One structure's relaxation record (see :func:`evaluate_relaxations`)."""
+    from ..simulation.relax import max_free_force, relax
+
+    reference_positions = None
+    if "relaxed_positions" in atoms.arrays:
+        reference_positions = np.asarray(atoms.arrays["relaxed_positions"], dtype=float)
+        if reference_positions.shape != (len(atoms), 3) or not np.isfinite(reference_positions).all():
+            raise ValueError(f"relaxed_positions must be {len(atoms)} finite rows of 3, got shape "
+                             f"{reference_positions.shape}")
+    relaxed_energy = None
+    if "relaxed_energy" in atoms.info:
+        relaxed_energy = float(atoms.info["relaxed_energy"])
+        if not np.isfinite(relaxed_energy):
+            raise ValueError(f"non-finite relaxed_energy {atoms.info['relaxed_energy']!r}")
+    result = relax(atoms, calculator, optimizer=optimizer, fmax=fmax, steps=steps, trajectory=trajectory)
+    record: dict[str, Any] = {"index": index, "converged": result.converged, "steps": result.steps,
+                              "energy": result.energy}
+    if relaxed_energy is not None:
+        record["relaxed_energy"] = relaxed_energy
+    if reference_positions is not None:
+        free = ~_fixed_mask(atoms)
+        d = minimum_image_distances(result.atoms.positions[free], reference_positions[free], atoms.cell.array, atoms.pbc)
+        record["mean_distance"] = float(d.mean()) if d.size else 0.0
+    if reference_calculator is not None:
+        probe = result.atoms.copy()
+        try:
+            probe.calc = reference_calculator()
+            record["true_max_force"] = max_free_force(probe)
+        except Exception as err:  # noqa: BLE001 - e.g. EMT lacks an element: keep the relaxation
+            record["reference_error"] = f"{type(err).__name__}: {err}"
+    return record
 
 
 def _fixed_mask(atoms: Atoms) -> np.ndarray:

@@ -34,7 +34,7 @@ class EdgeEmbedding(nn.Module):
     ``[E, G]`` expanded distances -> ``[E, B]``.
     """
 
-    def __init__(self, num_expansion: int, num_basis: int, max_num_elements: int) -> None:
+    def __init__(self, *, num_expansion: int, num_basis: int, max_num_elements: int) -> None:
         super().__init__()
         self.distance_linear = nn.Linear(num_expansion, num_basis)
         self.source_embedding = nn.Embedding(max_num_elements, num_basis)
@@ -96,6 +96,7 @@ class MessageBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         lmax: int,
         mmax: int,
         num_taps: int,
@@ -219,6 +220,7 @@ class InteractionBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         lmax_list: list[int],
         mmax: int,
         num_taps: int,
@@ -234,9 +236,12 @@ class InteractionBlock(nn.Module):
         super().__init__()
         self.lmax = lmax_list[0]
         self.sphere_channels, self.channels = sphere_channels, sphere_channels_reduce
-        self.edge_embedding = EdgeEmbedding(num_expansion, num_basis, max_num_elements)
+        self.edge_embedding = EdgeEmbedding(num_expansion=num_expansion, num_basis=num_basis, max_num_elements=max_num_elements)
         self.message_blocks = nn.ModuleList(
-            MessageBlock(lmax, mmax, num_taps, sphere_channels_reduce, hidden, num_basis)
+            MessageBlock(
+                lmax=lmax, mmax=mmax, num_taps=num_taps, channels=sphere_channels_reduce,
+                hidden_channels=hidden, num_basis=num_basis,
+            )
             for lmax, hidden in zip(lmax_list, hidden_channels_list)
         )
         self.resample = sphere_channels != sphere_channels_reduce
@@ -342,7 +347,7 @@ class InteractionBlock(nn.Module):
 class OutputMLP(nn.Sequential):
     """Three-layer pointwise network ``C -> C -> C' -> 1`` with SiLU (energy or force head)."""
 
-    def __init__(self, channels: int, reduced_channels: int) -> None:
+    def __init__(self, *, channels: int, reduced_channels: int) -> None:
         super().__init__(
             nn.Linear(channels, channels),
             nn.SiLU(),
@@ -365,7 +370,7 @@ class SphereSampler(ConstantsModule):
 
     WEIGHTINGS = ("fairchem", "quadrature")
 
-    def __init__(self, lmax: int, num_points: int, weighting: str = "fairchem") -> None:
+    def __init__(self, *, lmax: int, num_points: int, weighting: str = "fairchem") -> None:
         super().__init__()
         if weighting not in self.WEIGHTINGS:
             raise ValueError(f"unknown sphere weighting {weighting!r}; expected one of {self.WEIGHTINGS}")

@@ -1,10 +1,10 @@
-"""Model checkpoints: this package's format, written atomically, and one loader for all.
+"""Model checkpoints: the one module that reads and writes them.
 
-This package's checkpoints are dictionaries of plain values and tensors only, so they load
-with ``torch.load(..., weights_only=True)`` (no code from the file runs)::
+This package's checkpoints are dictionaries of plain values and tensors only, so they load with
+``torch.load(..., weights_only=True)`` and nothing else (no code from the file runs)::
 
     format          "spherical_channels/checkpoint-v1"
-    model_config    SCN constructor arguments
+    model_config    SCNConfig.to_dict()
     state_dict      the model's weights (raw; with the normalisation buffers)
     ema_state_dict  exponential moving average of the weights, or None
     statistics      data statistics the model was trained with (DatasetStatistics.to_dict())
@@ -12,30 +12,54 @@ with ``torch.load(..., weights_only=True)`` (no code from the file runs)::
     trainer_state   optimiser, step, epoch, RNG states... (absent from exported models)
     metrics         validation metrics at save time
 
-:func:`load_model` reads these and the official implementation's checkpoints alike.
+Checkpoints of the official implementation (fairchem / OCP layout, e.g. the released OC20 SCN
+models) are read too. Most load with ``weights_only=True`` as well; those that pickle other
+Python objects (older trainers' files) can only be read by full unpickling, which runs code
+chosen by whoever wrote the file. That happens only with an explicit opt-in:
+``trust_pickle=True`` here, ``--trust-pickle`` on the command line, and a warning is shown.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..security import OPT_IN_HINT, UntrustedPickleWarning
+from .config import ConfigError, SCNConfig
+from .fairchem import convert_official_checkpoint, is_official_checkpoint
 from .scn import SCN
 
-__all__ = ["CHECKPOINT_FORMAT", "is_native_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "UntrustedPickleWarning",
+    "is_native_checkpoint",
+    "remove_stale_temporaries",
+    "load_model",
+    "read_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "spherical_channels/checkpoint-v1"
+
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint (the message names the file and says why)."""
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same directory is
     written, flushed to disk and renamed over ``path``, so an interruption leaves either the
-    old file or the new one, never a truncated one."""
+    old file or the new one, never a truncated one (the temporary file is removed on any error;
+    after a hard kill, :func:`remove_stale_temporaries` cleans up)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,33 +75,82 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint of this package's format (``weights_only=True``)."""
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`save_checkpoint` leaves when the process is
+    killed mid-write; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(directory.glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """The dictionary in a checkpoint file of either kind (this package's or the official one).
+
+    Loads with ``weights_only=True``. A file that needs full unpickling is refused with a
+    :class:`CheckpointError` saying what it holds, unless ``trust_pickle`` is set (then it is
+    unpickled, with an :class:`UntrustedPickleWarning`). Every failure names the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - report what the file is, not pickle internals
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    return checkpoint
+    except Exception as err:  # noqa: BLE001 - classify, then report what the file is
+        unsafe = _unsafe_globals(path)
+        if unsafe is None and not trust_pickle:
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint: truncated, corrupt or not a torch file "
+                f"({type(err).__name__}: {_first_line(err)})"
+            ) from None
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path}: this checkpoint pickles Python objects ({', '.join(unsafe[:5])}"
+                f"{', ...' if len(unsafe) > 5 else ''}), so loading it runs code from the file. "
+                f"If you trust the file (e.g. an official OC20 release), {OPT_IN_HINT}"
+            ) from None
+        warnings.warn(
+            f"{path}: unpickling a checkpoint fully (trust_pickle=True): this runs code from the file",
+            UntrustedPickleWarning,
+            stacklevel=2,
+        )
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err2:  # noqa: BLE001
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint ({type(err2).__name__}: {_first_line(err2)})"
+            ) from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return dict(checkpoint)
 
 
-def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
-    """Read a checkpoint file of either kind, this package's or the official one (for
-    :func:`load_model`, or to look at its statistics without reading the file again). Tries
-    ``weights_only=True`` first; official files that pickle other objects are fully unpickled,
-    which runs code from the file: load only files you trust."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    from .fairchem import read_fairchem_checkpoint
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """The Python objects a zip-format torch file would unpickle beyond the safe ones, or None
+    when the file cannot be inspected (corrupt, truncated, or not a torch zip file)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - anything here means the file is damaged
+        return None
+    return list(names) or None
 
-    return read_fairchem_checkpoint(path)
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def is_native_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
-    """Whether ``checkpoint`` is in this package's format (else: the official layout)."""
+    """Whether ``checkpoint`` is in this package's format (else: maybe the official layout)."""
     return checkpoint.get("format") == CHECKPOINT_FORMAT
 
 
@@ -86,37 +159,88 @@ def load_model(
     weights: str = "auto",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    trust_pickle: bool = False,
     **overrides: Any,
 ) -> SCN:
     """An :class:`SCN` in eval mode from a checkpoint of this package or of the official code.
 
     Args:
-        source: checkpoint path or the loaded dictionary.
+        source: checkpoint path or the loaded dictionary (:func:`read_checkpoint`).
         weights: ``"auto"`` (EMA weights when present, as the official calculator does),
             ``"ema"`` (require them) or ``"raw"``.
         device, dtype: where and in which precision to put the model.
-        overrides: constructor arguments to change (e.g. ``direct_forces=False`` is not
-            allowed for a model trained with direct forces, since it has no force head, but
-            ``eval_roll="random"`` or ``regress_forces=False`` are).
+        trust_pickle: allow official files that need full unpickling (runs code from the file).
+        overrides: configuration options to change (``eval_roll="random"``,
+            ``regress_forces=False``, ...; ``direct_forces=False`` is refused for a model trained
+            with direct forces only if weights are then missing or unused).
+
+    Raises:
+        FileNotFoundError, CheckpointError: the file is missing or not a usable checkpoint.
     """
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
-    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
-    if is_native_checkpoint(checkpoint):
-        model = SCN(**{**checkpoint["model_config"], **overrides})
-        ema = checkpoint.get("ema_state_dict")
-        if weights == "ema" and ema is None:
-            raise ValueError("checkpoint has no EMA weights")
-        state = ema if (ema is not None and weights in ("auto", "ema")) else checkpoint["state_dict"]
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            raise ValueError(f"checkpoint lacks weights for {result.missing_keys}")
-        if result.unexpected_keys and not overrides:
-            raise ValueError(f"checkpoint has weights this model does not use: {result.unexpected_keys}")
-        model.eval()
-    else:
-        from .fairchem import load_fairchem_checkpoint
+    where = "checkpoint" if isinstance(source, Mapping) else str(source)
+    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source, trust_pickle=trust_pickle)
+    try:
+        if is_native_checkpoint(checkpoint):
+            model = _native_model(checkpoint, weights, overrides)
+        elif is_official_checkpoint(checkpoint):
+            model = _official_model(checkpoint, weights, overrides)
+        else:
+            keys = sorted(str(k) for k in checkpoint)[:8]
+            raise CheckpointError(
+                f"neither this package's checkpoint format nor the official SCN layout "
+                f"(top-level keys: {keys})"
+            )
+    except (CheckpointError, ConfigError, KeyError, ValueError, RuntimeError) as err:
+        message = str(err) if not isinstance(err, KeyError) else f"missing entry {err}"
+        raise CheckpointError(f"{where}: {message}") from None
+    return model.to(device=device, dtype=dtype).eval()
 
-        model = load_fairchem_checkpoint(checkpoint, weights=weights, **overrides)
-    return model.to(device=device, dtype=dtype)
+
+def _native_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> SCN:
+    raw = checkpoint.get("model_config")
+    if not isinstance(raw, Mapping):
+        raise CheckpointError("this package's checkpoint without a 'model_config'")
+    model = SCN(SCNConfig.from_dict(raw).replace(**overrides))
+    ema = checkpoint.get("ema_state_dict")
+    if weights == "ema" and ema is None:
+        raise CheckpointError("checkpoint has no EMA weights")
+    state = ema if (ema is not None and weights in ("auto", "ema")) else checkpoint["state_dict"]
+    _load_weights(model, state, allow_unused=bool(overrides))
+    return model
+
+
+def _official_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> SCN:
+    official = convert_official_checkpoint(checkpoint, weights=weights, **overrides)
+    model = SCN(official.config)
+    if official.distance_offsets is not None and hasattr(model.distance_expansion, "set_offsets"):
+        model.distance_expansion.set_offsets(official.distance_offsets)
+    _load_weights(model, official.state_dict, allow_unused=False, buffers_from_model=True)
+    model.set_normalization(**official.normalization)
+    return model
+
+
+def _load_weights(
+    model: SCN, state: Mapping[str, torch.Tensor], allow_unused: bool, buffers_from_model: bool = False
+) -> None:
+    """Load ``state`` with errors that say which weights do not fit."""
+    expected = model.state_dict()
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            "weights do not fit the configuration stored with them (" + "; ".join(wrong[:3]) + ")"
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected and not allow_unused:
+        raise CheckpointError(f"checkpoint has weights this model does not use: {unexpected[:5]}")
+    needed = {k for k, _ in model.named_parameters()} if buffers_from_model else set(expected)
+    missing = sorted(needed - set(state))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks weights for {missing[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 

@@ -1,4 +1,8 @@
-"""Loading checkpoints written by the official SCN implementation (fairchem / OCP trainers).
+"""Converting checkpoints written by the official SCN implementation (fairchem / OCP trainers).
+
+This module turns an official checkpoint dictionary into this package's pieces (configuration,
+state dict with native names, normalisation) without building a model: reading files and
+building models are :mod:`.checkpoint`'s job (``load_model``).
 
 Layout (the released OC20 SCN checkpoints): a dict with ``state_dict`` (keys prefixed
 ``module.``), ``config`` (``config["model"] == "scn"`` and ``config["model_attributes"]``, or the
@@ -12,15 +16,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .scn import SCN
+from .config import ConfigError, SCNConfig
 
-__all__ = ["load_fairchem_checkpoint", "official_to_native_key", "read_fairchem_checkpoint"]
+__all__ = ["OfficialModel", "convert_official_checkpoint", "is_official_checkpoint", "official_to_native_key"]
 
 # (official key pattern, native key template). Order matters only for readability.
 _KEY_RULES: list[tuple[str, str]] = [
@@ -67,6 +71,30 @@ def official_to_native_key(key: str) -> str | None:
     raise KeyError(f"unrecognised key {key!r} in the SCN checkpoint")
 
 
+@dataclass
+class OfficialModel:
+    """What an official checkpoint holds, in this package's terms.
+
+    Attributes:
+        config: the model's configuration.
+        state_dict: parameters under native names (EMA weights when chosen).
+        distance_offsets: the distance expansion's centres as stored (the official model uses
+            them as they are: float32 even in a float64 run), or None.
+        normalization: ``energy_scale``, ``energy_shift``, ``force_scale`` (the official
+            "normalizers"), for ``SCN.set_normalization``.
+    """
+
+    config: SCNConfig
+    state_dict: dict[str, torch.Tensor]
+    distance_offsets: torch.Tensor | None
+    normalization: dict[str, float]
+
+
+def is_official_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` has the official trainers' layout (``state_dict`` and ``config``)."""
+    return isinstance(checkpoint.get("state_dict"), Mapping) and isinstance(checkpoint.get("config"), Mapping)
+
+
 def _model_attributes(config: Mapping[str, Any]) -> dict[str, Any]:
     if "model_attributes" in config:
         name, attrs = config.get("model"), dict(config["model_attributes"])
@@ -74,9 +102,9 @@ def _model_attributes(config: Mapping[str, Any]) -> dict[str, Any]:
         attrs = dict(config["model"])
         name = attrs.pop("name", None)
     else:
-        raise ValueError("checkpoint config has neither 'model_attributes' nor a 'model' section")
+        raise ConfigError("checkpoint config has neither 'model_attributes' nor a 'model' section")
     if name not in ("scn", "spherical_channel_network", None):
-        raise ValueError(f"checkpoint is for model {name!r}, not SCN")
+        raise ConfigError(f"checkpoint is for model {name!r}, not SCN")
     return attrs
 
 
@@ -86,82 +114,52 @@ def _scalar(value: Any, default: float) -> float:
     return float(np.asarray(torch.as_tensor(value).double()).reshape(-1)[0])
 
 
-def read_fairchem_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read an official checkpoint dict. Tries ``weights_only=True`` first; older checkpoints
-    that pickle other objects need ``weights_only=False``, which runs code from the file, so it
-    is only attempted for files the user chose to load."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any unpickling refusal: retry with full unpickling
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_fairchem_checkpoint(
-    path: str | Path | Mapping[str, Any], weights: str = "auto", **overrides: Any
-) -> SCN:
-    """Build an :class:`SCN` from an official checkpoint and load its weights.
+def convert_official_checkpoint(
+    checkpoint: Mapping[str, Any], weights: str = "auto", **overrides: Any
+) -> OfficialModel:
+    """The configuration, native state dict and normalisation of an official checkpoint.
 
     Args:
-        path: checkpoint file (or the already-loaded dict).
+        checkpoint: the loaded dictionary.
         weights: ``"auto"`` (EMA weights if the checkpoint has them, as the official calculator
             does), ``"ema"`` (require them) or ``"raw"`` (the ``state_dict``).
-        overrides: constructor arguments to change, e.g. ``roll="fixed"`` or
-            ``direct_forces=False``.
-
-    Returns:
-        The model in eval mode, with the checkpoint's target normalisation folded in.
+        overrides: configuration options to change, e.g. ``roll="fixed"``.
     """
-    checkpoint = read_fairchem_checkpoint(path) if not isinstance(path, Mapping) else path
-    attrs = _model_attributes(checkpoint["config"])
-    attrs.update(overrides)
-    model = SCN(**attrs)
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+    config = SCNConfig.from_official(_model_attributes(checkpoint["config"]))
+    if overrides:
+        config = config.replace(**overrides)
 
     official = checkpoint["state_dict"]
-    # The official model uses its distance centres as stored (float32 even in a float64 run).
     offsets = official.get("module.distance_expansion.offset", official.get("distance_expansion.offset"))
-    if offsets is not None and hasattr(model.distance_expansion, "set_offsets"):
-        model.distance_expansion.set_offsets(offsets)
-    native_state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
-    param_keys: list[str] = []  # official parameter names in parameters() order (for the EMA)
+    param_keys: list[str] = []  # native names in the official parameters() order (for the EMA)
     for key, value in official.items():
         native = official_to_native_key(key)
         if native is None:
             continue
-        if native not in native_state:
-            raise KeyError(f"checkpoint key {key!r} maps to {native!r}, which this model lacks")
-        if native_state[native].shape != value.shape:
-            raise ValueError(
-                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(native_state[native].shape)}"
-            )
         loaded[native] = value
         param_keys.append(native)
-    expected = {k for k, _ in model.named_parameters()}
-    missing = expected - set(loaded)
-    if missing:
-        raise KeyError(f"checkpoint lacks parameters {sorted(missing)}")
 
     ema = checkpoint.get("ema")
-    if weights not in ("auto", "ema", "raw"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
     if weights == "ema" and not ema:
         raise ValueError("checkpoint has no EMA weights")
     if ema and weights in ("auto", "ema"):
         shadow = ema["shadow_params"]
         if len(shadow) != len(param_keys):
-            raise ValueError(
-                f"EMA has {len(shadow)} tensors but the state dict {len(param_keys)} parameters"
-            )
+            raise ValueError(f"EMA has {len(shadow)} tensors but the state dict {len(param_keys)} parameters")
         for native, value in zip(param_keys, shadow):
             if value.shape != loaded[native].shape:
                 raise ValueError(f"EMA tensor for {native!r} has shape {tuple(value.shape)}")
             loaded[native] = value
-    model.load_state_dict(loaded, strict=False)
 
     normalizers = checkpoint.get("normalizers") or {}
     energy_norm = normalizers.get("target") or {}
     force_norm = normalizers.get("grad_target") or {}
-    model.energy_scale.fill_(_scalar(energy_norm.get("std"), 1.0))
-    model.energy_shift.fill_(_scalar(energy_norm.get("mean"), 0.0))
-    model.force_scale.fill_(_scalar(force_norm.get("std"), 1.0))
-    return model.eval()
+    normalization = {
+        "energy_scale": _scalar(energy_norm.get("std"), 1.0),
+        "energy_shift": _scalar(energy_norm.get("mean"), 0.0),
+        "force_scale": _scalar(force_norm.get("std"), 1.0),
+    }
+    return OfficialModel(config, loaded, offsets, normalization)

@@ -9,21 +9,26 @@ structure and forces per atom (direct, or ``-dE/dx`` by autograd).
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..data.batch import AtomicBatch
+from ..data.validation import validate_batch
 from ..data.neighbors import Graph, build_graph, edge_vectors, neighbor_ranks
 from ..so3.frames import edge_frames
 from ..so3.harmonics import grouped_reduced_coefficients, num_coefficients
 from ..so3.wigner import WignerD
 from .basis import make_distance_expansion
 from .blocks import InteractionBlock, OutputMLP, SphereSampler
+from .config import RUNTIME_OPTIONS, ConfigError, SCNConfig
 from .ops import no_autocast
+from .response import compute_response
 
-__all__ = ["SCN", "EdgeData", "NEAR_NEIGHBOR_RANKS"]
+__all__ = ["SCN", "SCNConfig", "EdgeData", "NEAR_NEIGHBOR_RANKS"]
 
 #: Neighbours of rank 0..11 use the full resolution; ranks 12.. the reduced one (paper B.1).
 NEAR_NEIGHBOR_RANKS = 12
@@ -47,123 +52,146 @@ class EdgeData:
 
 
 class SCN(nn.Module):
-    """Spherical Channel Network predicting energies and forces.
+    """Spherical Channel Network predicting energies and forces (and stress when conservative).
 
-    Constructor arguments carry the official implementation's names and defaults, so the
-    ``model_attributes`` of an official config can be passed as they are. Additions:
+    Build it from an :class:`~.config.SCNConfig`, or with the official constructor's keyword
+    arguments (``SCN(lmax=6, mmax=1, ...)``: the ``model_attributes`` of an official config can be
+    passed as they are). The configuration is ``model.config`` (read-only; options that do not
+    change the parameters, such as the roll rule, change with :meth:`update_config`).
 
-    Args:
-        direct_forces: ``True``: forces from the force head (as the paper); ``False``: forces are
-            ``-dE/dpositions`` by autograd (energy-conserving).
-        roll: roll rule of the edge frames in training mode: ``"random"`` (paper) or ``"fixed"``.
-        eval_roll: roll rule in eval mode (``"fixed"``: deterministic inference); ``None`` = ``roll``.
-        edge_rotation: ``False`` is the paper's "no rotation" ablation (identity frames).
-        sphere_weighting: ``"fairchem"`` (official output points) or ``"quadrature"``.
-        use_pbc, use_pbc_single, otf_graph, show_timing_info: accepted for config compatibility;
-            periodicity comes from each structure's ``pbc`` and the graph is always built here.
-
-    Input: an :class:`~spherical_channels.data.batch.AtomicBatch`. Output: ``{"energy": [S],
-    "forces": [N, 3]}`` (forces only if ``regress_forces``).
+    Input: an :class:`~spherical_channels.data.batch.AtomicBatch`. Output (see
+    :func:`~.response.compute_response`): ``{"energy": [S], "forces": [N, 3]}`` (forces only if
+    ``regress_forces``), plus ``"stress": [S, 3, 3]`` (eV/Å^3, ASE's sign) with ``stress=True``
+    for energy-conserving models.
     """
 
-    def __init__(
-        self,
-        use_pbc: bool = True,
-        use_pbc_single: bool = True,
-        regress_forces: bool = True,
-        otf_graph: bool = True,
-        max_num_neighbors: int = 20,
-        cutoff: float = 8.0,
-        max_num_elements: int = 90,
-        num_interactions: int = 8,
-        lmax: int = 6,
-        mmax: int = 1,
-        num_resolutions: int = 2,
-        sphere_channels: int = 128,
-        sphere_channels_reduce: int = 128,
-        hidden_channels: int = 256,
-        num_taps: int = -1,
-        use_grid: bool = True,
-        num_bands: int = 1,
-        num_sphere_samples: int = 128,
-        num_basis_functions: int = 128,
-        distance_function: str = "gaussian",
-        basis_width_scalar: float = 1.0,
-        distance_resolution: float = 0.02,
-        show_timing_info: bool = False,
-        direct_forces: bool = True,
-        roll: str = "random",
-        eval_roll: str | None = "fixed",
-        edge_rotation: bool = True,
-        sphere_weighting: str = "fairchem",
-    ) -> None:
+    def __init__(self, config: SCNConfig | None = None, **options) -> None:
         super().__init__()
-        if not 1 <= lmax <= 10:
-            raise ValueError(f"lmax must be in 1..10, got {lmax}")
-        if not 0 <= mmax <= lmax:
-            raise ValueError(f"mmax must be in 0..lmax={lmax}, got {mmax}")
-        if num_resolutions not in (1, 2):
-            raise ValueError(f"num_resolutions must be 1 or 2, got {num_resolutions}")
-        for name, value in (("roll", roll), ("eval_roll", eval_roll or roll)):
-            if value not in ("fixed", "random"):
-                raise ValueError(f"{name} must be 'fixed' or 'random', got {value!r}")
-        self.config = {
-            k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "value")
-        }
-        self.regress_forces = regress_forces
-        self.direct_forces = direct_forces
-        self.max_num_neighbors = max_num_neighbors
-        self.cutoff = cutoff
-        self.max_num_elements = max_num_elements
-        self.lmax, self.mmax = lmax, mmax
-        self.sphere_channels = sphere_channels
-        self.roll, self.eval_roll = roll, eval_roll
-        self.edge_rotation = edge_rotation
+        if config is None:
+            config = SCNConfig.from_official(options)
+        elif options:
+            config = config.replace(**options)
+        self._config = config
+        c = config
 
-        if num_resolutions == 2:
-            self.lmax_list = [lmax, max(4, lmax - 2)]
-            self.hidden_channels_list = [hidden_channels, hidden_channels // 4]
+        if c.num_resolutions == 2:
+            self.lmax_list = [c.lmax, max(4, c.lmax - 2)]
+            self.hidden_channels_list = [c.hidden_channels, c.hidden_channels // 4]
             self.rank_boundaries = [NEAR_NEIGHBOR_RANKS]
         else:
-            self.lmax_list, self.hidden_channels_list, self.rank_boundaries = [lmax], [hidden_channels], []
+            self.lmax_list, self.hidden_channels_list, self.rank_boundaries = [c.lmax], [c.hidden_channels], []
         # A second resolution above the first (lmax < 4) would read coefficients that don't exist.
-        self.lmax_list = [min(l, lmax) for l in self.lmax_list]
+        self.lmax_list = [min(l, c.lmax) for l in self.lmax_list]
 
-        self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
+        self.sphere_embedding = nn.Embedding(c.max_num_elements, c.sphere_channels)
         self.distance_expansion = make_distance_expansion(
-            distance_function, cutoff, distance_resolution, basis_width_scalar
+            c.distance_function, c.cutoff, c.distance_resolution, c.basis_width_scalar
         )
         self.wigner = nn.ModuleList(
-            WignerD(l, rows=grouped_reduced_coefficients(l, mmax)) for l in self.lmax_list
+            WignerD(l, rows=grouped_reduced_coefficients(l, c.mmax)) for l in self.lmax_list
         )
         self.interactions = nn.ModuleList(
             InteractionBlock(
-                self.lmax_list,
-                mmax,
-                num_taps,
-                sphere_channels,
-                sphere_channels_reduce,
-                self.hidden_channels_list,
-                self.distance_expansion.num_output,
-                num_basis_functions,
-                max_num_elements,
-                use_grid,
-                num_bands,
+                lmax_list=self.lmax_list,
+                mmax=c.mmax,
+                num_taps=c.num_taps,
+                sphere_channels=c.sphere_channels,
+                sphere_channels_reduce=c.sphere_channels_reduce,
+                hidden_channels_list=self.hidden_channels_list,
+                num_expansion=self.distance_expansion.num_output,
+                num_basis=c.num_basis_functions,
+                max_num_elements=c.max_num_elements,
+                use_grid=c.use_grid,
+                num_bands=c.num_bands,
             )
-            for _ in range(num_interactions)
+            for _ in range(c.num_interactions)
         )
-        self.sphere_sampler = SphereSampler(lmax, num_sphere_samples, sphere_weighting)
-        self.energy_head = OutputMLP(sphere_channels, sphere_channels_reduce)
-        if regress_forces and direct_forces:
-            self.force_head = OutputMLP(sphere_channels, sphere_channels_reduce)
+        self.sphere_sampler = SphereSampler(
+            lmax=c.lmax, num_points=c.num_sphere_samples, weighting=c.sphere_weighting
+        )
+        self.energy_head = OutputMLP(channels=c.sphere_channels, reduced_channels=c.sphere_channels_reduce)
+        if c.regress_forces and c.direct_forces:
+            self.force_head = OutputMLP(channels=c.sphere_channels, reduced_channels=c.sphere_channels_reduce)
         # Target normalisation: E = energy_scale * E_net + energy_shift + sum_i element_energies[Z_i]
         # and F = force_scale * F_net. Official checkpoints set scale and shift (their
         # "normalizers"); this package's trainer sets the per-element reference energies (least
         # squares on the training set) and one scale for both, so -dE/dx stays the force.
+        # Set them with set_normalization().
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self.register_buffer("force_scale", torch.tensor(1.0))
-        self.register_buffer("element_energies", torch.zeros(max_num_elements))
+        self.register_buffer("element_energies", torch.zeros(c.max_num_elements))
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> SCNConfig:
+        """The model's configuration (frozen; see :meth:`update_config`)."""
+        return self._config
+
+    def update_config(self, **changes) -> None:
+        """Change options that do not change the parameters (``RUNTIME_OPTIONS``: the roll
+        rules); any other change needs a new model."""
+        fixed = set(changes) - RUNTIME_OPTIONS
+        if fixed:
+            raise ConfigError(
+                f"{sorted(fixed)} change the model's parameters or numerics: build a new model "
+                f"(SCN(model.config.replace(...))) instead; changeable here: {sorted(RUNTIME_OPTIONS)}"
+            )
+        self._config = self._config.replace(**changes)
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - config options read as attributes
+        if name not in ("_config",) and name in SCNConfig.option_names():
+            return getattr(self.__dict__["_config"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:  # noqa: ANN001
+        if name in SCNConfig.option_names():
+            raise AttributeError(
+                f"SCN.{name} is part of the frozen configuration: use model.update_config({name}=...) "
+                f"for runtime options, or build a new model from model.config.replace({name}=...)"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def conservative(self) -> bool:
+        """Whether forces are ``-dE/dx`` (energy-conserving, with stress)."""
+        return self.regress_forces and not self.direct_forces
+
+    @torch.no_grad()
+    def set_normalization(
+        self,
+        energy_scale: float = 1.0,
+        energy_shift: float = 0.0,
+        force_scale: float = 1.0,
+        element_energies: Mapping[int, float] | torch.Tensor | None = None,
+    ) -> None:
+        """Set the target normalisation (see the buffers in ``__init__``).
+
+        Args:
+            energy_scale, energy_shift: ``E = energy_scale * E_net + energy_shift + sum_i e[Z_i]``.
+            force_scale: direct forces are ``force_scale * F_net`` (conservative forces follow
+                the energy and so ``energy_scale``).
+            element_energies: per-element reference energies ``{Z: eV}`` or a
+                ``[max_num_elements]`` tensor; ``None`` means zero.
+        """
+        for name, value in (("energy_scale", energy_scale), ("energy_shift", energy_shift), ("force_scale", force_scale)):
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            getattr(self, name).fill_(value)
+        table = torch.zeros_like(self.element_energies)
+        if isinstance(element_energies, torch.Tensor):
+            if element_energies.shape != table.shape:
+                raise ValueError(f"element_energies must have shape {tuple(table.shape)}, got {tuple(element_energies.shape)}")
+            table.copy_(element_energies)
+        elif element_energies:
+            for z, energy in element_energies.items():
+                if not 0 <= int(z) < table.shape[0]:
+                    raise ValueError(f"element_energies: atomic number {z} outside this model's table 0..{table.shape[0] - 1}")
+                table[int(z)] = float(energy)
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError("element_energies must be finite")
+        self.element_energies.copy_(table)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -172,26 +200,29 @@ class SCN(nn.Module):
         return self.roll if self.training or self.eval_roll is None else self.eval_roll
 
     def check_inputs(self, batch: AtomicBatch) -> None:
-        """Raise ``ValueError`` on input the model cannot handle (rather than return NaN)."""
-        z = batch.atomic_numbers
-        bad = (z < 1) | (z >= self.max_num_elements)
-        if bool(bad.any()):
-            atom = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"atom {atom} (structure {int(batch.batch[atom])}) has atomic number {int(z[atom])}, "
-                f"outside this model's element table 1..{self.max_num_elements - 1}"
-            )
-        if not bool(torch.isfinite(batch.positions).all()):
-            atom = int(torch.nonzero(~torch.isfinite(batch.positions).all(dim=1))[0])
-            raise ValueError(f"atom {atom} (structure {int(batch.batch[atom])}) has a non-finite position")
+        """Raise ``StructureError`` (a ``ValueError``) on input the model cannot handle, rather
+        than return NaN: the package's one validation layer, with this model's element table
+        (overlapping atoms are reported by the radius graph)."""
+        validate_batch(batch, max_atomic_number=self.max_num_elements - 1)
+
+    def build_graph(self, batch: AtomicBatch) -> Graph:
+        """The radius graph this model uses (cutoff, neighbour cap and tie rule of its config);
+        build it ahead (e.g. in DataLoader workers) and pass it to ``forward(batch, graph)``."""
+        return build_graph(batch, self.cutoff, self.max_num_neighbors, ties=self.neighbor_ties)
 
     def edge_data(
-        self, batch: AtomicBatch, positions: torch.Tensor, graph: Graph | None = None
+        self,
+        batch: AtomicBatch,
+        positions: torch.Tensor,
+        graph: Graph | None = None,
+        cell: torch.Tensor | None = None,
     ) -> EdgeData:
-        """Graph, edge geometry, ranks and frames, edges grouped by resolution."""
+        """Graph, edge geometry, ranks and frames, edges grouped by resolution, at ``positions``
+        ``[N, 3]`` and ``cell`` ``[S, 3, 3]`` (default: the batch's)."""
         if graph is None:
-            graph = build_graph(batch, self.cutoff, self.max_num_neighbors)
-        vectors = edge_vectors(positions, batch.cell.to(positions.dtype), batch.batch, graph)
+            graph = self.build_graph(batch)
+        cell = batch.cell.to(positions.dtype) if cell is None else cell
+        vectors = edge_vectors(positions, cell, batch.batch, graph)
         return self.edges_from_vectors(graph.edge_index, graph.cell_offsets, vectors, positions.shape[0])
 
     def edges_from_vectors(
@@ -203,7 +234,9 @@ class SCN(nn.Module):
     ) -> EdgeData:
         """Ranks, resolution groups and frames for given edges ``[2, E]`` and vectors ``[E, 3]``."""
         distance = torch.linalg.vector_norm(vectors, dim=-1)
-        rank = neighbor_ranks(distance.detach(), edge_index[1], num_atoms, self.max_num_neighbors)
+        rank = neighbor_ranks(
+            distance.detach(), edge_index[1], num_atoms, self.max_num_neighbors, ties=self.neighbor_ties
+        )
         resolution = torch.zeros_like(rank)
         for boundary in self.rank_boundaries:
             resolution += (rank >= boundary).long()
@@ -245,29 +278,22 @@ class SCN(nn.Module):
             x = update if layer == 0 else x + update
         return x
 
-    def forward(self, batch: AtomicBatch, graph: Graph | None = None) -> dict[str, torch.Tensor]:
-        """Energy ``[S]`` and forces ``[N, 3]`` of every structure in ``batch``."""
+    def forward(
+        self, batch: AtomicBatch, graph: Graph | None = None, stress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Energy ``[S]``, forces ``[N, 3]`` and (``stress=True``, conservative models) stress
+        ``[S, 3, 3]`` of every structure in ``batch`` (see :func:`~.response.compute_response`)."""
         self.check_inputs(batch)
-        conservative = self.regress_forces and not self.direct_forces
-        positions = batch.positions
-        # A caller that differentiates wrt positions itself needs the graph kept.
-        caller_grad = positions.requires_grad
-        with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
-            if conservative and not positions.requires_grad:
-                positions = positions.detach().requires_grad_(True)
-            with no_autocast(positions):  # geometry and frames are never autocast
-                edges = self.edge_data(batch, positions, graph)
-            out = self.predict(batch, edges)
-            if conservative:
-                (grad,) = torch.autograd.grad(
-                    out["energy"].sum(),
-                    positions,
-                    create_graph=self.training,
-                    retain_graph=self.training or caller_grad,
-                    allow_unused=True,
-                )
-                out["forces"] = -grad if grad is not None else torch.zeros_like(positions)
-        return out
+        return compute_response(self, batch, graph=graph, stress=stress, create_graph=self.training)
+
+    def energy_terms(
+        self, batch: AtomicBatch, positions: torch.Tensor, cell: torch.Tensor, graph: Graph | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Energy ``[S]`` (and direct forces ``[N, 3]``) at ``positions`` ``[N, 3]`` and ``cell``
+        ``[S, 3, 3]`` (the response's strained copies of the batch's)."""
+        with no_autocast(positions):  # geometry and frames are never autocast
+            edges = self.edge_data(batch, positions, graph, cell)
+        return self.predict(batch, edges)
 
     def predict(self, batch: AtomicBatch, edges: EdgeData) -> dict[str, torch.Tensor]:
         """Energy ``[S]`` (and direct forces ``[N, 3]``) from prepared edges."""
@@ -292,9 +318,9 @@ class SCN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_fairchem(cls, path: str, weights: str = "auto", **overrides) -> "SCN":
-        """Load a checkpoint written by the official implementation (see :mod:`.fairchem`)."""
-        from .fairchem import load_fairchem_checkpoint
+    def from_fairchem(cls, path: str, weights: str = "auto", trust_pickle: bool = False, **overrides) -> "SCN":
+        """Load a checkpoint written by the official implementation (see
+        :func:`~.checkpoint.load_model`, which reads both kinds)."""
+        from .checkpoint import load_model
 
-        return load_fairchem_checkpoint(path, weights=weights, **overrides)
-
+        return load_model(path, weights=weights, trust_pickle=trust_pickle, **overrides)

@@ -53,19 +53,35 @@ def relax(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
-    if fmax <= 0 or steps < 0:
+    if not fmax > 0 or steps < 0:  # "not >" also refuses a NaN fmax
         raise ValueError(f"need fmax > 0 and steps >= 0, got fmax={fmax}, steps={steps}")
     work = atoms.copy()
     work.calc = calculator
     trajectory = Path(trajectory) if trajectory is not None else None
     if trajectory is not None:
         trajectory.parent.mkdir(parents=True, exist_ok=True)
-    opt = OPTIMIZERS[optimizer](work, logfile=logfile, trajectory=str(trajectory) if trajectory else None)
-    converged = bool(opt.run(fmax=fmax, steps=steps))
+    # the optimiser closes its trajectory and log on leaving the block, also when it fails
+    with OPTIMIZERS[optimizer](work, logfile=logfile, trajectory=str(trajectory) if trajectory else None) as opt:
+        # a non-finite energy or force would move the atoms to NaN and surface steps later
+        # as a puzzling error about positions: stop at the step that produced it
+        opt.attach(lambda: _check_finite(work, opt.nsteps), interval=1)
+        converged = bool(opt.run(fmax=fmax, steps=steps))
     energy = float(work.get_potential_energy())
+    forces = work.get_forces(apply_constraint=False)
+    _check_finite(work, opt.nsteps)
     force = max_free_force(work)
     from ase.calculators.singlepoint import SinglePointCalculator
 
     result = work.copy()
-    result.calc = SinglePointCalculator(result, energy=energy, forces=work.get_forces(apply_constraint=False))
+    result.calc = SinglePointCalculator(result, energy=energy, forces=forces)
     return RelaxResult(result, converged, int(opt.get_number_of_steps()), energy, force, trajectory)
+
+
+def _check_finite(atoms: Atoms, step: int) -> None:
+    """Raise if the calculator's latest energy or forces on ``atoms`` are not finite."""
+    results = getattr(atoms.calc, "results", None) or {}
+    energy, forces = results.get("energy"), results.get("forces")
+    if energy is not None and not np.isfinite(energy):
+        raise ValueError(f"the calculator returned a non-finite energy at step {step}")
+    if forces is not None and not np.isfinite(forces).all():
+        raise ValueError(f"the calculator returned non-finite forces at step {step}")

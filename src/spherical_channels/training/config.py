@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,16 +242,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _parse_model(model: dict[str, Any]) -> dict[str, Any]:
-    from ..models.scn import SCN
+    from ..models.config import ConfigError as ModelConfigError
+    from ..models.config import SCNConfig
 
     model = dict(model)
     name = model.pop("name", "scn")
     if str(name).lower() not in ("scn", "spherical_channel_network"):
         raise ConfigError(f"model.name must be 'scn', got {name!r}")
-    accepted = set(inspect.signature(SCN.__init__).parameters) - {"self"}
-    unknown = set(model) - accepted
-    if unknown:
-        raise ConfigError(f"model: unknown SCN arguments {sorted(unknown)}")
+    try:
+        SCNConfig.from_official(model)  # validated here, so a bad option fails before any data is read
+    except ModelConfigError as err:
+        raise ConfigError(f"model: {err}") from None
     return model
 
 

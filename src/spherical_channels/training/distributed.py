@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["DistributedContext", "ShardedSampler", "init_distributed", "all_reduce_sum", "broadcast_object"]
+__all__ = [
+    "DistributedContext",
+    "ShardedSampler",
+    "all_gather_object",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "broadcast_object",
+    "init_distributed",
+]
 
 
 @dataclass
@@ -80,6 +88,23 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     if ctx.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_max(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Element-wise maximum of ``values`` over all ranks, on this process's device (a copy)."""
+    values = values.detach().to(ctx.device, copy=True)
+    if ctx.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def all_gather_object(obj: object, ctx: DistributedContext) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj: object, ctx: DistributedContext) -> object:

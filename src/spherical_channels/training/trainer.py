@@ -1,95 +1,62 @@
-"""The training loop: data, model, optimiser, EMA, validation, checkpoints, logs.
+"""The trainer: builds a run (directory, data, model, optimiser, EMA) and runs the loop.
 
-A run directory holds::
-
-    config.yaml                 the configuration as parsed
-    checkpoints/last.pt         latest state (resume from here)
-    checkpoints/best.pt         best validation force MAE so far (EMA weights)
-    logs/train.csv, val.csv     metrics; logs/tensorboard/ for TensorBoard
-    plots/parity_val.png, learning_curves.png
-    summary.json                final metrics and timings
+The parts: :class:`~.run.RunDirectory` (layout and rules of the run directory),
+:class:`~.state.TrainState` (counters and random state), :mod:`.data` (batches and their
+neighbour graphs, built in the DataLoader workers) and :mod:`.callbacks` (logging,
+checkpoints, time budget, signals, plots). :meth:`Trainer.train` is the loop: it steps the
+model and calls the callbacks' hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
-import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import __version__
 from ..data.batch import AtomicBatch
+from ..data.formats.common import DataError
+from ..data.neighbors import Graph
+from ..data.validation import StructureError
 from ..evaluation.metrics import S2EFMetrics
-from ..models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..models.scn import SCN
-from .config import ConfigError, DataSource, TrainConfig
-from .distributed import DistributedContext, ShardedSampler, all_reduce_sum, broadcast_object, init_distributed
+from ..models.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
+from ..models.scn import SCN, SCNConfig
+from .callbacks import Callback, CallbackList, StepResult, StopRequest, default_callbacks
+from .config import ConfigError, TrainConfig
+from .data import GraphCollate, IndexedDataset, TrainingBatch, collate, locate_in_data_set, open_training_data
+from .distributed import (
+    DistributedContext,
+    ShardedSampler,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+)
 from .ema import ExponentialMovingAverage
-from .logs import RunLogger
+from .errors import TrainingDiverged, TrainingInterrupted
 from .losses import LossTerms, energy_force_loss, force_atoms_mask
+from .run import RunDirectory, RunDirectoryError
 from .schedule import learning_rate
+from .state import TrainState
 
-__all__ = ["Trainer", "TrainingDiverged", "open_training_data", "collate"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "collate", "open_training_data"]
 
 # A force scale below this (eV/A) means the data has no forces to speak of: use 1.
 _MIN_FORCE_SCALE = 1e-6
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN or infinite."""
-
-
-class _Indexed(Dataset):
-    """Items are ``(index, atoms)`` so that a batch knows which structures it holds."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-
-class _Collate:
-    """Picklable collate function (DataLoader workers): ``[(i, atoms)]`` -> ``(indices, batch)``."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[list[int], AtomicBatch]:
-        return [i for i, _ in items], AtomicBatch.from_atoms([a for _, a in items], dtype=self.dtype)
-
-
-def collate(items: list[tuple[int, Any]], dtype: torch.dtype = torch.float32) -> tuple[list[int], AtomicBatch]:
-    """``[(index, atoms)]`` -> ``(indices, AtomicBatch)``."""
-    return _Collate(dtype)(items)
-
-
-def open_training_data(source: DataSource, max_atomic_number: int) -> Dataset:
-    """A data set with energy and force targets, validated as it is read."""
-    from ..data.datasets import open_dataset
-
-    return open_dataset(
-        source.path,
-        format=source.format,
-        energy_key=source.energy_key,
-        forces_key=source.forces_key,
-        require_energy=True,
-        require_forces=True,
-        max_atomic_number=max_atomic_number,
-    )
+# fp16: steps the loss scaler may skip in a row (overflowing gradients) before the run is
+# declared diverged; each skip halves the scale, so this is a factor 2^-50 below the start.
+_MAX_SKIPPED_STEPS = 50
+# At most this many structures / weights are named in a divergence message.
+_MAX_NAMED = 8
 
 
 class Trainer:
@@ -101,42 +68,77 @@ class Trainer:
             (optimiser, EMA, step, data order and random state restored, so the result equals
             an uninterrupted run).
         ctx: the distributed context (default: from ``torchrun``'s environment).
+        callbacks: added after the default ones (:func:`~.callbacks.default_callbacks`).
+        overwrite: start afresh in a directory that holds an earlier run (what that run wrote
+            is removed once this one has opened its data and built its model).
+
+    Raises:
+        RunDirectoryError: the directory cannot be used as asked (see :class:`~.run.RunDirectory`).
+        ConfigError, DataError, CheckpointError: a bad configuration, data set or checkpoint.
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, ctx: DistributedContext | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        ctx: DistributedContext | None = None,
+        callbacks: Iterable[Callback] | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.config = config
-        self.ctx = ctx or init_distributed(config.run.device)
-        self.device = self.ctx.device
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.run.dtype)
         if self.dtype is None:
             raise ConfigError(f"run.dtype must be float32 or float64, got {config.run.dtype!r}")
-        optim = config.optim
-        if optim.amp == "fp16" and self.device.type != "cuda":
+        self.ctx = ctx or init_distributed(config.run.device)
+        self.device = self.ctx.device
+        if config.optim.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("optim.amp: fp16 needs a GPU; use bf16 on a CPU")
-        self.out = Path(config.run.output_dir)
-        self.checkpoints = self.out / "checkpoints"
-        last = self.checkpoints / "last.pt"
-        if resume and not last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
-        if not resume and last.exists():
-            raise FileExistsError(
-                f"{self.out} already holds a run ({last}); continue it with --resume or choose another run.output_dir"
-            )
-        state = load_checkpoint(last) if resume else None
+        self.run = RunDirectory(config.run.output_dir)
+        self._on_main(lambda: self.run.open(resume=resume, overwrite=overwrite))
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.run.release()
+            raise
+        self.callbacks = CallbackList([*default_callbacks(config), *(callbacks or [])])
+        self.stop_request: StopRequest | None = None
+        self._skipped_in_a_row = 0
 
+    def _on_main(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the main process; a RunDirectoryError there is raised on every
+        process (so that the others do not wait for a run that will not start)."""
+        message = None
+        if self.ctx.is_main:
+            try:
+                action()
+            except (RunDirectoryError, OSError) as err:
+                if not isinstance(err, RunDirectoryError):  # e.g. no permission to create it
+                    err = RunDirectoryError(f"run.output_dir {self.run.path}: {err}")
+                if not self.ctx.distributed:
+                    raise err from None
+                message = str(err)
+        message = broadcast_object(message, self.ctx)
+        if message is not None:
+            raise RunDirectoryError(message)
+
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        config, optim = self.config, self.config.optim
+        checkpoint = read_checkpoint(self.run.last_checkpoint) if resume else None
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        self.model = SCN(**config.model).to(device=self.device, dtype=self.dtype)
-        max_z = self.model.max_num_elements - 1
+        self.model = SCN(SCNConfig.from_official(config.model)).to(device=self.device, dtype=self.dtype)
+        model_config = self.model.config
+        max_z = model_config.max_num_elements - 1
         self.train_data = open_training_data(config.train, max_z)
         self.val_data = open_training_data(config.val, max_z) if config.val else None
-        self.statistics = self._statistics(state)
+        self.statistics = self._statistics(checkpoint)
         self._apply_statistics()
+        self.collate = GraphCollate(self.dtype, model_config.cutoff, model_config.max_num_neighbors, config.train.path)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         extra = {k: v for k, v in optim.optimizer_params.items() if k != "weight_decay"}
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr_initial, weight_decay=optim.weight_decay, **extra)
         self.ema = ExponentialMovingAverage(self.model, optim.ema_decay) if optim.ema_decay else None
-        self.scaler = torch.amp.GradScaler("cuda") if optim.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if optim.amp == "fp16" else None
         self.network: torch.nn.Module = self.model
         if self.ctx.distributed:
             self.network = torch.nn.parallel.DistributedDataParallel(
@@ -148,35 +150,61 @@ class Trainer:
         self.total_steps = optim.max_steps or optim.max_epochs * self.steps_per_epoch
         if optim.max_epochs is not None:
             self.total_steps = min(self.total_steps, optim.max_epochs * self.steps_per_epoch)
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.best = {"force_mae": math.inf, "step": -1}
-        self.logger = RunLogger(self.out / "logs", tensorboard=self.ctx.is_main) if self.ctx.is_main else None
-        self._stop_requested = False
-        self._running: list[tuple[float, ...]] = []  # per-step values since the last log line
-        self._postfix: dict[str, float] = {}
-        self._run_start, self._run_start_step, self._budget_clock = 0.0, 0, 0.0  # set by train()
-        if state is not None:
-            self._restore(state)
-        elif self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        if state is None:  # training randomness (edge rolls) differs between ranks
+        self.state = TrainState()
+        self.resumed_from: int | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self.resumed_from = self.state.step
+        else:  # training randomness (edge rolls) differs between ranks
             torch.manual_seed(config.run.seed + 1 + self.ctx.rank)
+        if self.ctx.is_main:
+            self._prepare_directory(resume, overwrite)
+
+    def _prepare_directory(self, resume: bool, overwrite: bool) -> None:
+        if overwrite:
+            removed = self.run.clear()
+            if removed:
+                self.note(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.run.path}")
+        stale = self.run.remove_stale_temporaries()
+        if stale:
+            self.note(f"removed {len(stale)} partial checkpoint file(s) left by a run killed while saving: "
+                      f"{', '.join(p.name for p in stale)}")
+        changed = self.run.write_config(self.config.to_dict())
+        if resume and changed:
+            self.note(f"resume: configuration changed since the run started ({', '.join(changed[:8])}); "
+                      f"{self.run.config_file} updated")
+
+    def note(self, message: str) -> None:
+        """Print ``message`` on the main process."""
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
 
     def close(self) -> None:
-        """Release the process group (multi-process runs). The DistributedDataParallel wrapper is
-        dropped first so that no reducer outlives the group it talks to."""
+        """Release the run directory and the process group (multi-process runs). The
+        DistributedDataParallel wrapper is dropped first so that no reducer outlives the group
+        it talks to."""
+        self.run.release()
         if self.network is not self.model:
             self.network = self.model
             gc.collect()
         self.ctx.close()
 
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ statistics
-    def _statistics(self, state: dict | None) -> "DatasetStatistics":  # noqa: F821
+    def _statistics(self, checkpoint: dict | None) -> "DatasetStatistics":  # noqa: F821
         from ..data.statistics import DatasetStatistics, compute_statistics
 
-        if state is not None:
-            return DatasetStatistics.from_dict(state["statistics"])
+        if checkpoint is not None:
+            return DatasetStatistics.from_dict(checkpoint["statistics"])
         statistics = None
         if self.ctx.is_main:  # read the data once, not once per process
             statistics = compute_statistics(
@@ -189,15 +217,174 @@ class Trainer:
     def _apply_statistics(self) -> None:
         """Per-element reference energies and one force scale for energy and forces (so
         ``-dE/dx`` of a conservative model stays the force), folded into the model."""
-        scale = self.statistics.force_rms if self.statistics.force_rms > _MIN_FORCE_SCALE else 1.0
+        statistics = self.statistics
+        scale = statistics.force_rms if statistics.force_rms and statistics.force_rms > _MIN_FORCE_SCALE else 1.0
+        values = {"force scale": scale, **{f"element energy of Z={z}": e for z, e in statistics.element_energies.items()}}
+        bad = [f"{k} {v:.4g}" for k, v in values.items() if not torch.isfinite(torch.tensor(float(v), dtype=self.dtype))]
+        if bad:
+            raise DataError(
+                f"{self.config.train.path}: the training targets' statistics are not finite in {self.config.run.dtype} "
+                f"({', '.join(bad[:4])}): some energies or forces are implausible; find them with "
+                f"'scn data check {self.config.train.path}'"
+            )
         self.force_scale = scale
-        with torch.no_grad():
-            self.model.energy_scale.fill_(scale)
-            self.model.force_scale.fill_(scale)
-            self.model.energy_shift.zero_()
-            self.model.element_energies.zero_()
-            for z, energy in self.statistics.element_energies.items():
-                self.model.element_energies[int(z)] = energy
+        self.model.set_normalization(
+            energy_scale=scale, energy_shift=0.0, force_scale=scale, element_energies=statistics.element_energies
+        )
+
+    # ------------------------------------------------------------------ data
+    def loader(self, data: Dataset, sampler: Sampler | Sequence[int], batch_size: int) -> DataLoader:
+        """Batches of ``data`` (:class:`~.data.TrainingBatch`, graphs built in the workers)."""
+        collate_fn = GraphCollate(self.dtype, self.collate.cutoff, self.collate.max_num_neighbors,
+                                  str(getattr(data, "path", "")) or None)
+        return DataLoader(
+            IndexedDataset(data),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.config.optim.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=False,
+            # A loader's iterator draws a seed from its generator; a private one keeps the
+            # global RNG (edge rolls) independent of how many loaders a run creates.
+            generator=torch.Generator().manual_seed(self.config.run.seed),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def request_stop(self, reason: str, exit_code: int | None = None) -> None:
+        """Stop after the current step: a normal end without ``exit_code`` (final validation,
+        summary); with one, save ``last.pt`` and raise :class:`TrainingInterrupted`."""
+        if self.stop_request is None or (exit_code is not None and self.stop_request.exit_code is None):
+            self.stop_request = StopRequest(reason, exit_code)
+
+    def validation_due(self) -> bool:
+        """Whether the loop validates (and so saves ``last.pt``) after the step just taken."""
+        step, every = self.state.step, self.config.optim.eval_every
+        if step >= self.total_steps:
+            return True
+        if every:
+            return step % every == 0
+        return self.state.batch_in_epoch >= self.steps_per_epoch
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``max_epochs`` / ``max_steps`` (or a stop request); returns the summary
+        (``summary.json``).
+
+        Raises:
+            TrainingInterrupted: stopped by a signal (``last.pt`` saved first).
+            TrainingDiverged: non-finite loss or gradients (``last.pt`` is the last good state).
+            DataError: a structure that cannot be used.
+        """
+        optim = self.config.optim
+        callbacks = self.callbacks
+        self.stop_request = None
+        start = time.perf_counter()
+        try:
+            callbacks.call("on_train_start", self)
+            while self.state.step < self.total_steps and self.stop_request is None:
+                self.sampler.set_epoch(self.state.epoch, start=self.state.batch_in_epoch * optim.batch_size)
+                callbacks.call("on_epoch_start", self)
+                if not self._run_epoch():
+                    break
+                self.state.end_epoch()
+                callbacks.call("on_epoch_end", self)
+                if not optim.eval_every:
+                    self._validate(final=False)
+                self._agree_on_stop()  # a signal may have come during the validation
+            request = self.stop_request
+            if request is not None and request.exit_code is not None:
+                callbacks.call("on_stop", self, request)
+                raise TrainingInterrupted(
+                    f"{request.reason}: stopped at step {self.state.step}, saved in {self.run.last_checkpoint}; "
+                    "continue with: scn train CONFIG --resume",
+                    exit_code=request.exit_code,
+                    step=self.state.step,
+                    saved=True,
+                )
+            summary = self._finish(time.perf_counter() - start)
+            callbacks.call("on_train_end", self, summary)
+            return summary
+        except BaseException as err:
+            callbacks.call("on_exception", self, err)
+            raise
+        finally:
+            self.run.release()
+
+    def _run_epoch(self) -> bool:
+        """This epoch's remaining steps; False if the run stopped or ended before its end."""
+        every = self.config.optim.eval_every
+        batches = iter(self.loader(self.train_data, self.sampler, self.config.optim.batch_size))
+        while True:
+            fetch = time.perf_counter()
+            item = next(batches, None)
+            if item is None:
+                return True
+            result = self.train_step(item, data_seconds=time.perf_counter() - fetch)
+            self.callbacks.call("on_step_end", self, result)
+            self._agree_on_stop()
+            if self.stop_request is not None or self.state.step >= self.total_steps:
+                return False
+            if every and self.state.step % every == 0:
+                self._validate(final=False)
+
+    def _agree_on_stop(self) -> None:
+        """A stop requested on one process stops all of them after the same step."""
+        if not self.ctx.distributed:
+            return
+        request = self.stop_request
+        local = torch.tensor([request is not None, (request.exit_code or 0) if request else 0], dtype=torch.long)
+        agreed = all_reduce_max(local, self.ctx).tolist()
+        if agreed[0] and request is None:
+            code = agreed[1] or None
+            try:
+                reason = f"{signal.Signals(code - 128).name} received by another process" if code else ""
+            except ValueError:
+                reason = ""
+            self.stop_request = StopRequest(reason or "stop requested by another process", code)
+        elif agreed[1] and request is not None and request.exit_code != agreed[1]:
+            self.stop_request = StopRequest(request.reason, agreed[1])
+
+    def train_step(self, item: TrainingBatch, data_seconds: float = 0.0) -> StepResult:
+        """One optimiser step on ``item`` (this process's share of a global batch)."""
+        self._raise_batch_error(item)
+        item = item.to(self.device)
+        self.callbacks.call("on_batch_start", self, item)
+        t0 = time.perf_counter()
+        state = self.state
+        try:
+            terms = self.forward_backward(item.batch, item.graph, indices=item.indices)
+            lr, skipped = self.optimizer_step(item.indices)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(
+                err.reason, err.detail, where=f"at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})",
+                kept=self.kept_checkpoint(),
+            ) from None
+        except DataError as err:
+            raise DataError(f"{err} (training stopped at step {state.step}; {self.kept_checkpoint()})") from None
+        state.advance()
+        return StepResult(
+            step=state.step,
+            indices=list(item.indices),
+            num_structures=item.batch.num_structures,
+            loss=float(terms.loss.detach()),
+            energy_mae=float(terms.energy_mae),
+            force_l2mae=float(terms.force_l2mae),
+            lr=lr,
+            step_seconds=time.perf_counter() - t0,
+            data_seconds=data_seconds,
+            skipped=skipped,
+        )
+
+    def _raise_batch_error(self, item: TrainingBatch) -> None:
+        error = item.error
+        if self.ctx.distributed:  # every process stops, with the message of the one that failed
+            if int(all_reduce_max(torch.tensor([error is not None], dtype=torch.long), self.ctx)):
+                error = next(e for e in all_gather_object(error, self.ctx) if e is not None)
+        if error is not None:
+            raise DataError(f"{error} (training stopped at step {self.state.step}; {self.kept_checkpoint()})")
+
+    def kept_checkpoint(self) -> str:
+        last = self.run.last_checkpoint
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 
     # ------------------------------------------------------------------ one step
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -207,15 +394,27 @@ class Trainer:
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def forward_backward(self, batch: AtomicBatch) -> LossTerms:
+    def forward_backward(
+        self, batch: AtomicBatch, graph: Graph | None = None, indices: Sequence[int] | None = None
+    ) -> LossTerms:
         """Loss of ``batch`` on this rank and its gradient (accumulated into ``.grad``),
-        normalised over the global batch (see :mod:`.losses`)."""
+        normalised over the global batch (see :mod:`.losses`). ``indices`` (the structures'
+        indices in the training set) name the culprits when the loss is not finite."""
         optim = self.config.optim
         mask = force_atoms_mask(batch, optim.train_on_free_atoms)
         counts = all_reduce_sum(torch.tensor([batch.num_structures, int(mask.sum())], device=self.device), self.ctx)
         self.network.train()
-        with self._autocast():
-            prediction = self.network(batch)
+        failure = None
+        try:
+            with self._autocast():
+                prediction = self.network(batch, graph=graph)
+        except StructureError as err:  # the model's input checks name the batch position
+            failure = locate_in_data_set(err, indices or range(batch.num_structures), self.config.train.path)
+        if self.ctx.distributed:  # every process stops, with the message of the one that failed
+            if int(all_reduce_max(torch.tensor([failure is not None], dtype=torch.long), self.ctx)):
+                failure = next(f for f in all_gather_object(failure, self.ctx) if f is not None)
+        if failure is not None:
+            raise DataError(failure)
         prediction = {k: v.to(self.dtype) for k, v in prediction.items()}
         terms = energy_force_loss(
             prediction,
@@ -229,262 +428,164 @@ class Trainer:
             world_size=self.ctx.world_size,
             per_atom_energy=optim.per_atom_energy_loss,
         )
-        finite = all_reduce_sum(torch.isfinite(terms.loss.detach()).float().reshape(1), self.ctx)
-        if int(finite) != self.ctx.world_size:
-            raise TrainingDiverged("non-finite loss")
+        finite = bool(torch.isfinite(terms.loss.detach()))
+        if int(all_reduce_sum(torch.tensor([float(finite)]), self.ctx)) != self.ctx.world_size:
+            culprit = None if finite else self._diagnose(prediction, batch, indices)
+            found = [(r, d) for r, d in enumerate(all_gather_object(culprit, self.ctx)) if d is not None]
+            detail = "; ".join(f"process {r}: {d}" if self.ctx.distributed else d for r, d in found)
+            raise TrainingDiverged("non-finite loss", detail)
         if self.scaler is not None:
             self.scaler.scale(terms.loss).backward()
         else:
             terms.loss.backward()
         return terms
 
-    def _optimizer_step(self) -> float:
+    def optimizer_step(self, indices: Sequence[int] | None = None) -> tuple[float, bool]:
+        """Apply the accumulated gradients (learning rate of this step, clipping, EMA); returns
+        the learning rate and whether the step was skipped (fp16 loss scaling: gradients that
+        overflow are skipped and the scale lowered, as GradScaler is meant to be used)."""
         optim = self.config.optim
-        lr = learning_rate(self.step, optim, self.total_steps)
+        lr = learning_rate(self.state.step, optim, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.clip_grad_norm or math.inf)
-        if not torch.isfinite(norm):
-            raise TrainingDiverged(f"non-finite gradient norm ({float(norm)})")
+        finite = bool(torch.isfinite(norm))
+        if not finite and self.scaler is None:
+            raise TrainingDiverged(f"non-finite gradient norm ({float(norm)})", self._batches(indices))
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the update when the gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row >= _MAX_SKIPPED_STEPS:
+                raise TrainingDiverged(
+                    "non-finite gradients",
+                    f"{self._skipped_in_a_row} steps in a row, down to loss scale {self.scaler.get_scale():.3g}; "
+                    f"last batch: {self._batches(indices)}",
+                )
+            return lr, True
+        self._skipped_in_a_row = 0
         if self.ema is not None:
             self.ema.update(self.model)
-        return lr
+        return lr, False
 
-    # ------------------------------------------------------------------ loop
-    def _train_loader(self) -> DataLoader:
+    def _bad_weights(self) -> list[str]:
+        return [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+    def _batches(self, indices: Sequence[int] | None) -> str:
+        """The global batch's structures (every process's), and non-finite weights if any."""
+        gathered = all_gather_object(list(indices) if indices is not None else None, self.ctx)
+        parts = [f"process {r}: " * self.ctx.distributed + f"structures {_named(i)}" for r, i in enumerate(gathered) if i]
+        text = f"the batch held {'; '.join(parts)} of {self.config.train.path}" if parts else ""
+        bad = self._bad_weights()
+        if bad:
+            text = f"non-finite model weights ({_named(bad)}); " + text
+        return text
+
+    def _diagnose(self, prediction: dict[str, torch.Tensor], batch: AtomicBatch, indices: Sequence[int] | None) -> str:
+        """Which structures of this process's batch made the loss non-finite, by their index
+        in the training set."""
+        indices = list(indices) if indices is not None else list(range(batch.num_structures))
+        prediction = {k: v.detach() for k, v in prediction.items()}
+        where = self.config.train.path
+        bad_weights = self._bad_weights()
+        if bad_weights:  # every prediction is then non-finite: the model diverged, not the data
+            return (f"the model's weights are not finite ({_named(bad_weights)}), so no prediction is; the batch "
+                    f"held structures {_named(indices)} of {where}")
+
+        def per_structure(bad_atoms: torch.Tensor) -> torch.Tensor:
+            counts = torch.zeros(batch.num_structures, device=bad_atoms.device)
+            return counts.index_add(0, batch.batch, bad_atoms.to(counts.dtype)) > 0
+
+        checks = [("predicted energy", ~torch.isfinite(prediction["energy"]))]
+        if "forces" in prediction:
+            checks.append(("predicted forces", per_structure(~torch.isfinite(prediction["forces"]).all(dim=1))))
+        if batch.energy is not None:
+            checks.append(("target energy", ~torch.isfinite(batch.energy)))
+        if batch.forces is not None:
+            checks.append(("target forces", per_structure(~torch.isfinite(batch.forces).all(dim=1))))
+        reasons: dict[int, list[str]] = {}
+        for what, flags in checks:
+            for s in torch.nonzero(flags).flatten().tolist():
+                reasons.setdefault(s, []).append(what)
+        if reasons:
+            named = [f"{indices[s]} (non-finite {', '.join(r)})" for s, r in sorted(reasons.items())]
+            more = f", ... ({len(named)} in all)" if len(named) > _MAX_NAMED else ""
+            noun = "structure" if len(named) == 1 else "structures"
+            return f"{noun} {', '.join(named[:_MAX_NAMED])}{more} of {where}"
+        # Every value finite, the loss not: it overflowed. Name the largest contribution.
         optim = self.config.optim
-        return DataLoader(
-            _Indexed(self.train_data),
-            batch_size=optim.batch_size,
-            sampler=self.sampler,
-            num_workers=optim.num_workers,
-            collate_fn=_Collate(self.dtype),
-            persistent_workers=False,
-            # A loader's iterator draws a seed from its generator; a private one keeps the
-            # global RNG (edge rolls) independent of how many loaders a run creates.
-            generator=torch.Generator().manual_seed(self.config.run.seed),
-        )
-
-    def train(self) -> dict[str, Any]:
-        """Run to ``max_epochs`` / ``max_steps``; returns the final summary."""
-        optim = self.config.optim
-        start = self._run_start = time.perf_counter()
-        self._run_start_step = self.step
-        with self._graceful_stop():
-            while self.step < self.total_steps and not self._stop_requested:
-                self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * optim.batch_size)
-                fetch_start = time.perf_counter()
-                for indices, batch in self._progress(self._train_loader()):
-                    self._train_step(indices, batch, data_seconds=time.perf_counter() - fetch_start)
-                    if self._stop_requested or self.step >= self.total_steps:
-                        break
-                    if optim.eval_every and self.step % optim.eval_every == 0:
-                        self._evaluate_and_save()
-                    elif optim.checkpoint_every and self.step % optim.checkpoint_every == 0:
-                        self.save("last.pt")
-                    fetch_start = time.perf_counter()
-                else:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if not optim.eval_every:
-                        self._evaluate_and_save()
-        if self._stop_requested:
-            self.save("last.pt")
-            if self.ctx.is_main:
-                print(f"stopped at step {self.step}; continue with: scn train CONFIG --resume")
-            return {"stopped_at_step": self.step}
-        summary = self._finish(time.perf_counter() - start)
-        return summary
-
-    def _train_step(self, indices: list[int], batch: AtomicBatch, data_seconds: float = 0.0) -> None:
-        batch = batch.to(self.device)
-        t0 = time.perf_counter()
-        try:
-            terms = self.forward_backward(batch)
-            lr = self._optimizer_step()
-        except TrainingDiverged as err:
-            last = self.checkpoints / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"{err} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch}: structures "
-                f"{indices} of {self.config.train.path}); training stopped, {kept}"
-            ) from None
-        self.step += 1
-        self.batch_in_epoch += 1
-        self._apply_time_budget()
-        self._running.append((float(terms.loss.detach()), float(terms.energy_mae), float(terms.force_l2mae),
-                              batch.num_structures, time.perf_counter() - t0, data_seconds))
-        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps:
-            self._log_train(lr)
-
-    # Steps timed before a time budget caps the run (the first ones include start-up costs).
-    _BUDGET_CALIBRATION_STEPS = 20
-
-    def _apply_time_budget(self) -> None:
-        budget = self.config.run.time_budget_minutes
-        done = self.step - self._run_start_step
-        if budget is None or done not in (2, 2 + self._BUDGET_CALIBRATION_STEPS):
-            return
-        if done == 2:
-            self._budget_clock = time.perf_counter()
-            return
-        per_step = (time.perf_counter() - self._budget_clock) / self._BUDGET_CALIBRATION_STEPS
-        # validation passes cost about as much as a tenth of the training (set aside)
-        remaining = 0.9 * budget * 60.0 - (time.perf_counter() - self._run_start)
-        steps = self.step + int(max(0.0, remaining) / per_step)
-        steps = int(all_reduce_sum(torch.tensor([steps], dtype=torch.float64), self.ctx).item() / self.ctx.world_size)
-        if steps < self.total_steps:
-            self.total_steps = steps
-            if self.ctx.is_main:
-                print(f"time budget: {per_step:.3f} s per step, training for {steps} steps")
-
-    def _log_train(self, lr: float) -> None:
-        rows, self._running = self._running, []
-        if not rows:
-            return
-        sums = all_reduce_sum(torch.tensor(rows, dtype=torch.float64).sum(0), self.ctx)
-        n = len(rows) * self.ctx.world_size
-        step_seconds, data_seconds = float(sums[4]) / n, float(sums[5]) / n
-        values = {
-            "loss": float(sums[0]) / n,
-            "energy_mae": float(sums[1]) / n,
-            "force_l2mae": float(sums[2]) / n,
-            "lr": lr,
-            "epoch": self.epoch,
-            # throughput of the whole loop (data included); the share of it spent waiting for data
-            "structures_per_s": float(sums[3]) / max((step_seconds + data_seconds) * n / self.ctx.world_size, 1e-9),
-            "step_seconds": step_seconds,
-            "data_seconds": data_seconds,
-            "data_share": data_seconds / max(step_seconds + data_seconds, 1e-12),
-        }
-        self._postfix = values
-        if self.logger is not None:
-            self.logger.log("train", self.step, values)
-
-    def _progress(self, loader: DataLoader) -> Iterator:
-        if not (self.config.run.progress and self.ctx.is_main):
-            yield from loader
-            return
-        from tqdm import tqdm
-
-        bar = tqdm(loader, total=len(loader), desc=f"epoch {self.epoch}", unit="batch", leave=False)
-        for item in bar:
-            yield item
-            values = self._postfix
-            if values:
-                bar.set_postfix(loss=f"{values['loss']:.3g}", lr=f"{values['lr']:.2g}",
-                                st_s=f"{values['structures_per_s']:.1f}", refresh=False)
-
-    @contextlib.contextmanager
-    def _graceful_stop(self) -> Iterator[None]:
-        """First Ctrl-C / SIGTERM: finish the current step, save, stop. Second: stop now."""
-
-        def handler(signum, frame):  # noqa: ANN001
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            if self.ctx.is_main:
-                print("\nstopping after this step (again to abort without saving)...")
-
-        try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: no signal handling
-            previous = {}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        e_err = (prediction["energy"].double() - batch.energy.double()).abs()
+        f_err = torch.linalg.vector_norm(prediction["forces"].double() - batch.forces.double(), dim=1)
+        f_max = torch.zeros_like(e_err).scatter_reduce(0, batch.batch, f_err, reduce="amax")
+        f_sum = torch.zeros_like(e_err).index_add(0, batch.batch, f_err)
+        worst = int(torch.argmax(optim.energy_coefficient * e_err + optim.force_coefficient * f_sum))
+        return (f"the loss overflowed {self.config.run.dtype}: structure {indices[worst]} of {where} contributes "
+                f"most (energy error {float(e_err[worst]):.3g} eV, largest force error {float(f_max[worst]):.3g} eV/Å): "
+                "implausible targets?")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def validate(self, data: Dataset | None = None, parity: bool = False) -> dict[str, float]:
+    def validate(
+        self,
+        data: Dataset | None = None,
+        on_batch: Callable[[TrainingBatch, dict[str, torch.Tensor]], None] | None = None,
+    ) -> dict[str, float]:
         """S2EF metrics of the EMA weights (or the raw ones without EMA) on ``data``
-        (default: the validation set), each rank evaluating its share. With ``parity``, this
-        rank's predictions and targets are also kept (on the CPU) for the parity plots."""
+        (default: the validation set), each rank evaluating its share; ``on_batch(batch,
+        prediction)`` sees every batch."""
         data = data if data is not None else self.val_data
         if data is None:
             return {}
+        optim = self.config.optim
         indices = list(range(self.ctx.rank, len(data), self.ctx.world_size))
-        loader = DataLoader(
-            _Indexed(data),
-            batch_size=self.config.optim.eval_batch_size or self.config.optim.batch_size,
-            sampler=indices,
-            num_workers=self.config.optim.num_workers,
-            collate_fn=_Collate(self.dtype),
-            generator=torch.Generator(),
-        )
         metrics = S2EFMetrics()
-        if parity:
-            self._parity = ([], [], [], [], [])
         context = self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
         with context as model:
             model.eval()
-            for _, batch in loader:
-                batch = batch.to(self.device)
-                prediction = model(batch)
-                metrics.update(prediction, batch, free_only=True)
-                if parity:
-                    self._collect_parity(prediction, batch)
+            for item in self.loader(data, indices, optim.eval_batch_size or optim.batch_size):
+                if item.error is not None:
+                    raise DataError(item.error)
+                item = item.to(self.device)
+                try:
+                    prediction = model(item.batch, graph=item.graph)
+                except StructureError as err:
+                    raise DataError(locate_in_data_set(err, item.indices, str(getattr(data, "path", "")) or None)) from None
+                metrics.update(prediction, item.batch, free_only=True)
+                if on_batch is not None:
+                    on_batch(item, prediction)
         metrics.sums = all_reduce_sum(metrics.sums.to(self.device), self.ctx).cpu()
         return metrics.compute()
 
-    def _collect_parity(self, prediction: dict[str, torch.Tensor], batch: AtomicBatch) -> None:
-        free = ~batch.fixed
-        for store, value in zip(
-            self._parity,
-            (prediction["energy"], batch.energy, batch.natoms, prediction["forces"][free], batch.forces[free]),
-        ):
-            store.append(value.detach().double().cpu())
-
-    def _evaluate_and_save(self, parity: bool = False) -> dict[str, float]:
-        """Validate, log, save ``last.pt`` (and ``best.pt`` when validation force MAE improved)."""
-        metrics = self.validate(parity=parity)
-        if metrics and self.logger is not None:
-            self.logger.log("val", self.step, {**metrics, "epoch": self.epoch})
-        improved = bool(metrics) and metrics["force_mae"] < self.best["force_mae"]
-        if improved:
-            self.best = {"force_mae": metrics["force_mae"], "step": self.step}
-        self.save("last.pt", metrics)
-        if improved:
-            self.save("best.pt", metrics, trainer_state=False)
+    def _validate(self, final: bool) -> dict[str, float]:
+        callbacks = self.callbacks
+        callbacks.call("on_validation_start", self, final)
+        metrics = self.validate(on_batch=lambda item, prediction: callbacks.call(
+            "on_validation_batch", self, item, prediction, final))
+        improved = bool(metrics) and self.state.record_validation(metrics["force_mae"])
+        callbacks.call("on_validation_end", self, metrics, improved, final)
         return metrics
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        metrics = self._evaluate_and_save(parity=self.ctx.is_main and self.config.run.plots)
-        if not (self.checkpoints / "best.pt").exists():
-            self.save("best.pt", metrics, trainer_state=False)
+        metrics = self._validate(final=True)
         summary = {
-            "steps": self.step,
-            "epochs": self.epoch,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
             "seconds": seconds,
             "final_val": metrics,
-            "best": self.best,
+            "best": dict(self.state.best),
             "statistics": self.statistics.to_dict(),
         }
+        if self.stop_request is not None:
+            summary["stopped"] = self.stop_request.reason
         if self.ctx.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            if self.config.run.plots:
-                self._plots()
-            self.logger.close()
+            self.run.write_summary(summary)
         return summary
-
-    def _plots(self) -> None:
-        from ..evaluation.plots import learning_curves, parity_plots
-
-        plots = self.out / "plots"
-        plots.mkdir(exist_ok=True)
-        if getattr(self, "_parity", None) and self._parity[0]:
-            e, e_ref, n, f, f_ref = (torch.cat(x).numpy() for x in self._parity)
-            parity_plots(e, e_ref, n, f, f_ref, plots / "parity_val.png", title=f"validation, step {self.step}")
-        learning_curves(self.logger.read("train"), self.logger.read("val"), plots / "learning_curves.png")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, metrics: dict | None = None, trainer_state: bool = True) -> dict[str, Any]:
@@ -492,7 +593,7 @@ class Trainer:
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "package_version": __version__,
-            "model_config": dict(self.model.config),
+            "model_config": self.model.config.to_dict(),
             "state_dict": self.model.state_dict(),
             "ema_state_dict": self.ema.shadow if self.ema is not None else None,
             "statistics": self.statistics.to_dict(),
@@ -500,42 +601,32 @@ class Trainer:
             "metrics": metrics or {},
         }
         if trainer_state:
+            state = self.state.state_dict(self.device)
+            state["rng"] = [r for rngs in all_gather_object(state["rng"], self.ctx) for r in rngs]
             checkpoint["trainer_state"] = {
+                **state,
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "best": self.best,
                 "world_size": self.ctx.world_size,
-                "rng": self._gather_rng(),
             }
         return checkpoint
 
     def save(self, name: str, metrics: dict | None = None, trainer_state: bool = True) -> Path | None:
-        """Write ``checkpoints/<name>`` atomically (main rank only)."""
+        """Write ``checkpoints/<name>`` atomically (main rank only; every rank must call it
+        when ``trainer_state`` is saved, as the random states are gathered)."""
         checkpoint = self.checkpoint(metrics, trainer_state)
         if not self.ctx.is_main:
             return None
-        return save_checkpoint(checkpoint, self.checkpoints / name)
-
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if not self.ctx.distributed:
-            return [state]
-        gathered: list = [None] * self.ctx.world_size
-        torch.distributed.all_gather_object(gathered, state)
-        return gathered
+        return save_checkpoint(checkpoint, self.run.checkpoints / name)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         trainer = checkpoint.get("trainer_state")
+        last = self.run.last_checkpoint
         if trainer is None:
-            raise ValueError("the checkpoint has no trainer state (an exported model): cannot resume from it")
-        if dict(checkpoint["model_config"]) != dict(self.model.config):
-            raise ConfigError("--resume: the configuration's model differs from the checkpoint's")
+            raise ConfigError(f"--resume: {last} has no trainer state (an exported model): cannot resume from it")
+        if SCNConfig.from_dict(checkpoint["model_config"]) != self.model.config:
+            raise ConfigError(f"--resume: the configuration's model differs from the one in {last}")
         if trainer["world_size"] != self.ctx.world_size:
             raise ConfigError(
                 f"--resume: the run used {trainer['world_size']} processes, this one {self.ctx.world_size}; "
@@ -547,10 +638,10 @@ class Trainer:
             self.ema.load_state_dict(trainer["ema"])
         if self.scaler is not None and trainer["scaler"] is not None:
             self.scaler.load_state_dict(trainer["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]
-        self.best = trainer["best"]
-        rng = trainer["rng"][self.ctx.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.state.load_state_dict(trainer, rank=self.ctx.rank, device=self.device)
+
+
+def _named(items: Sequence[Any]) -> str:
+    items = list(items)
+    text = ", ".join(str(i) for i in items[:_MAX_NAMED])
+    return f"[{text}{f', ... ({len(items)} in all)' if len(items) > _MAX_NAMED else ''}]"

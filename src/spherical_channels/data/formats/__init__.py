@@ -40,13 +40,19 @@ __all__ = [
 class FormatSpec:
     """A registered format: canonical ``name``, file ``extensions`` (lower case, with
     the dot), a one-line ``description``, and how to open a reader / writer for one
-    file (``open_writer`` is None for read-only formats)."""
+    file (``open_writer`` is None for read-only formats). ``pickled`` formats run code from
+    the file when read: their ``open_reader`` takes ``trust_pickle=`` and refuses without it."""
 
     name: str
     extensions: tuple[str, ...]
     description: str
-    open_reader: Callable[[Path], StructureReader]
-    open_writer: Optional[Callable[[Path], StructureWriter]] = None
+    open_reader: Callable[..., StructureReader]
+    open_writer: Optional[Callable[..., StructureWriter]] = None  # (path, *, label=None): label names it in messages
+    pickled: bool = False
+
+    def reader(self, path: Path, *, trust_pickle: bool = False) -> StructureReader:
+        """A reader for one file (``trust_pickle`` is passed to pickled formats only)."""
+        return self.open_reader(path, trust_pickle=trust_pickle) if self.pickled else self.open_reader(path)
 
 
 #: Registered formats by canonical name, in the order help texts list them.
@@ -67,8 +73,9 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec(
             "oc20-lmdb",
             (".lmdb",),
-            "legacy OC20 LMDB of pickled torch_geometric Data (read only; trusted files only)",
+            "legacy OC20 LMDB of pickled torch_geometric Data (read only; trusted files only, with trust_pickle)",
             Oc20LmdbReader,
+            pickled=True,
         ),
     )
 }

@@ -38,8 +38,9 @@ _BACKENDS = ("db", "aselmdb")
 
 class AseSqliteReader:
     """Rows of an ASE SQLite database (``.db``) in id order; ``read(k)`` fetches the k-th
-    row by id. One connection is held per process, opened lazily (3x faster than ASE's
-    connection per query; ``DataLoader`` workers open their own, pickling drops it)."""
+    row by id. One read-only connection is held per process, opened lazily (3x faster than
+    ASE's connection per query; ``DataLoader`` workers open their own, pickling drops it).
+    The file is never written to."""
 
     def __init__(self, path: os.PathLike | str):
         self.path = Path(path)
@@ -54,9 +55,22 @@ class AseSqliteReader:
     def _connect(self) -> Any:
         if self._db is not None and self._pid == os.getpid():
             return self._db
-        import ase.db
+        import sqlite3
 
-        db = ase.db.connect(str(self.path), type="db", use_lock_file=False)
+        from ase.db.sqlite import SQLite3Database
+
+        # Read-only at the SQLite level: ASE's own connection would write its schema into any
+        # SQLite file without one (an empty file included), so reading must not go through it.
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        probe = sqlite3.connect(uri, uri=True)
+        try:
+            has_table = probe.execute("SELECT COUNT(*) FROM sqlite_master WHERE name='systems'").fetchone()[0]
+        finally:
+            probe.close()
+        if not has_table:
+            raise ValueError("no 'systems' table: not an ASE database")
+        db = SQLite3Database(str(self.path), use_lock_file=False)
+        db._connect = lambda: sqlite3.connect(uri, uri=True, timeout=20)
         db.__enter__()  # the database's context holds one connection until close()
         self._db, self._pid = db, os.getpid()
         return db
@@ -165,12 +179,13 @@ class AseDbWriter:
     """Writes structures to a new ASE database (``backend`` "db" or "aselmdb"), all in
     one transaction committed on close."""
 
-    def __init__(self, path: os.PathLike | str, backend: str):
+    def __init__(self, path: os.PathLike | str, backend: str, *, label: Optional[os.PathLike | str] = None):
         import ase.db
 
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.path = Path(path)
+        self.label = self.path if label is None else Path(label)  # the name messages give
         self._db = ase.db.connect(str(self.path), type=backend, append=False, use_lock_file=False)
         self._db.__enter__()
 

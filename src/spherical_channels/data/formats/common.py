@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
 
+from ..validation import StructureError, located_message
+
 if TYPE_CHECKING:
     import ase
 
@@ -25,18 +27,15 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
-    """A structure file is unreadable or holds a structure that fails validation.
+class DataError(StructureError):
+    """A structure file is missing, unreadable, empty, or holds a structure that fails
+    validation (a :class:`~spherical_channels.data.validation.StructureError` that names its
+    file; both are ``ValueError``).
 
     The message names the file and the structure index (and atoms where relevant);
     ``path`` and ``index`` hold them for programs (``index`` is None for errors about
     the whole file).
     """
-
-    def __init__(self, message: str, path: Optional[os.PathLike | str] = None, index: Optional[int] = None):
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-        self.index = index
 
 
 class UnknownFormatError(DataError):
@@ -46,8 +45,7 @@ class UnknownFormatError(DataError):
 
 def located(path: os.PathLike | str, index: Optional[int], what: str) -> DataError:
     """A :class:`DataError` whose message starts with ``"<path>: structure <index>: "``."""
-    where = f"{path}" if index is None else f"{path}: structure {index}"
-    return DataError(f"{where}: {what}", path, index)
+    return DataError(located_message(what, path=path, index=index), path, index)
 
 
 class StructureReader(Protocol):

@@ -138,8 +138,9 @@ class ExtxyzWriter:
     Constraints other than ``FixAtoms`` are dropped with a warning.
     """
 
-    def __init__(self, path: os.PathLike | str):
+    def __init__(self, path: os.PathLike | str, *, label: Optional[os.PathLike | str] = None):
         self.path = Path(path)
+        self.label = self.path if label is None else Path(label)  # the name warnings give
         self._fh: Optional[io.TextIOBase] = open(self.path, "w", encoding="utf-8")
         self._warned: set[str] = set()
 
@@ -147,7 +148,7 @@ class ExtxyzWriter:
         from ase.io.extxyz import key_val_dict_to_str
 
         n = len(atoms)
-        columns: list[tuple[str, np.ndarray]] = [("species", np.asarray(atoms.get_chemical_symbols()))]
+        columns: list[tuple[str, np.ndarray]] = [("species", np.asarray(atoms.get_chemical_symbols(), dtype=str))]
         columns.append(("pos", np.asarray(atoms.positions, dtype=np.float64)))
         fixed = self._fixed_mask(atoms)
         if fixed is not None:
@@ -192,10 +193,12 @@ class ExtxyzWriter:
         props, blocks = [], []
         for name, value in columns:
             letter = _TYPE_LETTER.get(value.dtype.kind)
-            flat = value.reshape(n, -1) if value.ndim >= 1 and value.size else value.reshape(n, 0)
-            if letter is None or value.ndim > 2 or ":" in name or " " in name or flat.shape[1] == 0:
+            # the width from the shape, not the size: a structure without atoms has columns too
+            width = int(np.prod(value.shape[1:])) if value.ndim >= 1 and value.shape[0] == n else 0
+            if letter is None or value.ndim > 2 or ":" in name or " " in name or width == 0:
                 self._warn_once(f"extxyz output cannot hold per-atom array {name!r} ({value.dtype}, {value.shape}); dropped")
                 continue
+            flat = value.reshape(n, width)
             if letter == "R":
                 flat = flat.astype(np.float64)
             props.append(f"{name}:{letter}:{flat.shape[1]}")
@@ -206,7 +209,7 @@ class ExtxyzWriter:
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(f"{self.path}: {message}", stacklevel=3)
+            warnings.warn(f"{self.label}: {message}", stacklevel=3)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -3,9 +3,13 @@ entry is a **pickled** ``torch_geometric.data.Data``.
 
 .. warning::
    Reading these files unpickles Python objects, which runs code chosen by whoever
-   wrote the file. Only open LMDBs you trust (e.g. downloaded from the OC20 release
-   over HTTPS). A warning is issued the first time each file is opened. For data you
-   do not control, convert it once (``scn data convert in.lmdb out.aselmdb``) on a
+   wrote the file. They are opened only with an explicit opt-in (``trust_pickle=True``,
+   ``--trust-pickle`` on the command line); without it, opening one raises a
+   :class:`DataError` that says what the file holds, before anything is unpickled (the
+   entries' pickle opcodes are only inspected, never executed). With the opt-in an
+   :class:`UntrustedPickleWarning` is issued the first time each file is opened. Only open
+   LMDBs you trust (e.g. downloaded from the OC20 release over HTTPS); for data you do not
+   control, convert it once (``scn data convert --trust-pickle in.lmdb out.aselmdb``) on a
    trusted machine and share the ``.aselmdb`` (plain JSON) instead.
 
 Keys are ASCII integers ``b"0"``, ``b"1"``, ..., optionally with ``b"length"`` holding
@@ -22,18 +26,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...security import UntrustedPickleWarning
 from .common import DataError, LazyLmdb, located, make_atoms
 
 if TYPE_CHECKING:
     import ase
 
-__all__ = ["Oc20LmdbReader", "UntrustedPickleWarning", "data_fields"]
+__all__ = ["Oc20LmdbReader", "UntrustedPickleWarning", "data_fields", "describe_lmdb", "pickle_globals", "untrusted_error"]
 
 _LENGTH_KEY = b"length"
 # Field names, first match wins.
@@ -53,10 +59,6 @@ _SECURITY_NOTE = (
 _WARNED: set[str] = set()
 
 
-class UntrustedPickleWarning(UserWarning):
-    """Issued on first opening a file whose entries are unpickled."""
-
-
 def _require_torch_geometric(path: Path) -> None:
     try:
         import torch_geometric  # noqa: F401  (unpickling Data objects imports it)
@@ -68,13 +70,97 @@ def _require_torch_geometric(path: Path) -> None:
         ) from None
 
 
+def pickle_globals(raw: bytes, limit: int = 6) -> list[str]:
+    """The importable names (``module.name``) a pickle would import when loaded, in order of
+    first use, at most ``limit``; found by walking its opcodes with :mod:`pickletools`,
+    which executes nothing. A pickle that cannot be parsed yields what was found before."""
+    found: list[str] = []
+    memo: dict[int, object] = {}
+    recent: list[object] = []  # what the last opcodes pushed (strings or None)
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            name = op.name
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = recent[-1] if recent else None
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                recent.append(memo.get(int(arg)))
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                # protocols < 3 name the builtins module as Python 2 did
+                found.append(f"{'builtins' if module == '__builtin__' else module}.{attr}")
+                recent.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+                found.append(f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else "?")
+                recent.append(None)
+            elif "UNICODE" in name or "STRING" in name:
+                recent.append(arg if isinstance(arg, str) else None)
+            else:
+                recent.append(None)
+            del recent[:-2]
+            if len(dict.fromkeys(found)) >= limit:
+                break
+    except Exception:  # noqa: BLE001 - malformed pickles are described as far as they parse
+        pass
+    return list(dict.fromkeys(found))[:limit]
+
+
+def describe_lmdb(path: os.PathLike | str) -> str:
+    """What an LMDB environment holds, read without unpickling anything: the number of
+    entries and what its first entry would import. Raises :class:`DataError` if it is not an
+    LMDB environment."""
+    path = Path(path)
+    store = LazyLmdb(path, subdir=path.is_dir())
+    try:
+        with store.env().begin() as txn:
+            entries = int(txn.stat()["entries"]) - (txn.get(_LENGTH_KEY) is not None)
+            raw = txn.get(b"0")
+            if raw is None:
+                with txn.cursor() as cursor:
+                    raw = cursor.value() if cursor.first() else None
+    except Exception as err:  # lmdb.Error
+        raise located(path, None, f"cannot open as an LMDB environment: {err}") from None
+    finally:
+        store.close()  # py-lmdb refuses to open an environment twice in one process
+    if raw is None:
+        return f"{entries} entries"
+    names = pickle_globals(raw)
+    if names:
+        return f"{entries} entries; the first is a pickle that would import {', '.join(names)}"
+    if raw[:1] == b"\x80":  # the protocol opcode of every pickle since protocol 2
+        return f"{entries} entries; the first is a pickle"
+    return f"{entries} entries; the first does not look like a pickle (is it another format, e.g. an aselmdb?)"
+
+
+def untrusted_error(path: os.PathLike | str) -> DataError:
+    """The error for opening a legacy OC20 LMDB without ``trust_pickle`` (nothing unpickled)."""
+    path = Path(path)
+    target = path.with_suffix(".aselmdb").name
+    return located(
+        path,
+        None,
+        f"a legacy OC20 LMDB ({describe_lmdb(path)}): its entries are pickled Python objects, and "
+        f"unpickling runs code chosen by whoever wrote the file, so it is not opened without your "
+        f"opt-in. If you trust the file, pass trust_pickle=True (Python) or --trust-pickle (command "
+        f"line). Better: convert it once on a trusted machine (scn data convert --trust-pickle {path} "
+        f"{target}) and use the .aselmdb, which holds no code",
+    )
+
+
 class Oc20LmdbReader:
     """Entries of one legacy OC20 LMDB: a ``.lmdb`` file, or a directory holding
     ``data.mdb``. The environment is opened read-only, without lock or readahead,
-    lazily in each process (pickling the reader drops it)."""
+    lazily in each process (pickling the reader drops it).
 
-    def __init__(self, path: os.PathLike | str):
+    ``trust_pickle`` must be True (entries are unpickled, which runs code from the file);
+    without it :func:`untrusted_error` is raised before anything is unpickled.
+    """
+
+    def __init__(self, path: os.PathLike | str, *, trust_pickle: bool = False):
         self.path = Path(path)
+        if not trust_pickle:
+            raise untrusted_error(self.path)
         _require_torch_geometric(self.path)
         if str(self.path) not in _WARNED:
             _WARNED.add(str(self.path))
@@ -88,6 +174,7 @@ class Oc20LmdbReader:
                 with self._lmdb.env().begin() as txn:
                     self._length = int(txn.stat()["entries"])
         except Exception as err:  # lmdb.Error, unpickling errors
+            self._lmdb.close()
             raise located(self.path, None, f"cannot open as an OC20 LMDB: {err}") from None
         self._lmdb.close()  # reopened lazily, after any fork
 
