@@ -94,11 +94,19 @@ class GraphCollate:
     with the batch in ``dtype`` and its radius graph (``cutoff``, ``max_num_neighbors``: the
     model's). ``source`` (the data set's path) names the structures in error messages."""
 
-    def __init__(self, dtype: torch.dtype, cutoff: float, max_num_neighbors: int, source: str | None = None) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        cutoff: float,
+        max_num_neighbors: int,
+        source: str | None = None,
+        ties: str = "official",
+    ) -> None:
         self.dtype = dtype
         self.cutoff = float(cutoff)
         self.max_num_neighbors = int(max_num_neighbors)
         self.source = source
+        self.ties = ties  # the model's neighbor_ties: the graph must be the one the model builds
 
     def __call__(self, items: Sequence[tuple[int, Any]]) -> TrainingBatch:
         indices = [int(i) for i, _ in items]
@@ -108,7 +116,7 @@ class GraphCollate:
         structures = [a for _, a in items]
         try:
             batch = AtomicBatch.from_atoms(structures, dtype=self.dtype)
-            graph = build_graph(batch, self.cutoff, self.max_num_neighbors)
+            graph = build_graph(batch, self.cutoff, self.max_num_neighbors, ties=self.ties)
         except ValueError:
             return TrainingBatch(indices, None, None, self._culprit(indices, structures))
         return TrainingBatch(indices, batch, graph)

@@ -132,7 +132,10 @@ class Trainer:
         self.val_data = open_training_data(config.val, max_z) if config.val else None
         self.statistics = self._statistics(checkpoint)
         self._apply_statistics()
-        self.collate = GraphCollate(self.dtype, model_config.cutoff, model_config.max_num_neighbors, config.train.path)
+        self.collate = GraphCollate(
+            self.dtype, model_config.cutoff, model_config.max_num_neighbors, config.train.path,
+            ties=model_config.neighbor_ties,
+        )
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         extra = {k: v for k, v in optim.optimizer_params.items() if k != "weight_decay"}
@@ -236,7 +239,7 @@ class Trainer:
     def loader(self, data: Dataset, sampler: Sampler | Sequence[int], batch_size: int) -> DataLoader:
         """Batches of ``data`` (:class:`~.data.TrainingBatch`, graphs built in the workers)."""
         collate_fn = GraphCollate(self.dtype, self.collate.cutoff, self.collate.max_num_neighbors,
-                                  str(getattr(data, "path", "")) or None)
+                                  str(getattr(data, "path", "")) or None, ties=self.collate.ties)
         return DataLoader(
             IndexedDataset(data),
             batch_size=batch_size,
