@@ -3,6 +3,8 @@ mixed precision, many processes."""
 
 from __future__ import annotations
 
+import time
+
 import json
 import math
 import os
@@ -82,6 +84,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_and_logs_each_step_onc
 
     with pytest.raises(RunDirectoryError, match="--resume"):
         Trainer(config_for("resumed", checkpoint_every=4))
+    # TensorBoard reads a directory's event files in name order, and the names start with the
+    # whole second they were created in (then a counter that sorts as text): a resume within
+    # the same second as the crash could be read first. Real resumes are seconds apart.
+    started = int(time.time())
+    while int(time.time()) == started:
+        time.sleep(0.05)
     resumed = Trainer(config_for("resumed", checkpoint_every=4), resume=True)
     assert resumed.resumed_from == 4 and not stale.exists()
     resumed.train()

@@ -153,13 +153,23 @@ def _reference_data(data: Path, size: str, seed: int, progress: bool, say) -> No
 
 
 def _train(config_dict: dict[str, Any], progress: bool) -> dict[str, Any]:
+    import sys
+
     from ..training import Trainer, TrainConfig
+    from ..training.errors import TrainingInterrupted
+    from ..training.run import RunDirectoryError
 
     config = TrainConfig.from_dict(config_dict)
     config.run.progress = progress
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except RunDirectoryError as err:
+        raise SystemExit(f"scn demo: {err}") from None
     try:
         return trainer.train()
+    except TrainingInterrupted as err:  # Ctrl-C / SIGTERM: saved; do not evaluate a partial run
+        print(f"scn demo: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     finally:
         trainer.close()
 
