@@ -106,8 +106,13 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, A
     except Exception as err:  # noqa: BLE001 - classify, then report what the file is
         unsafe = _unsafe_globals(path)
         if unsafe is None and not trust_pickle:
+            if not zipfile.is_zipfile(path):
+                raise CheckpointError(
+                    f"{path}: not a torch checkpoint file (if it is an old-format checkpoint "
+                    f"that you trust, {OPT_IN_HINT})"
+                ) from None
             raise CheckpointError(
-                f"{path}: not a readable checkpoint: truncated, corrupt or not a torch file "
+                f"{path}: not a readable checkpoint: truncated or corrupt "
                 f"({type(err).__name__}: {_first_line(err)})"
             ) from None
         if not trust_pickle:
