@@ -165,3 +165,13 @@ def test_eval_argument_errors_are_clear(checkpoint: Path, tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="holds no structures") as exc:
         main(["eval", str(checkpoint), str(data), str(empty), "--quiet"])
     assert str(empty) in exc.value.code
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"], ids=["0-byte", "blank-lines"])
+def test_data_items_names_a_file_without_structures(tmp_path: Path, content: bytes) -> None:
+    from spherical_channels.cli.common import data_items
+
+    path = tmp_path / "none.extxyz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}: holds no structures"):
+        data_items([str(path)])

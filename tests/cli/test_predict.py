@@ -44,37 +44,12 @@ def test_predict_errors_are_clear(tmp_path: Path, capsys) -> None:
 COMMANDS = ("predict", "eval", "relax")
 
 
-def _bad_checkpoint(kind: str, tmp_path: Path) -> Path:
-    """A file that is not a usable SCN checkpoint, of the given kind."""
-    import torch
-
-    official = FIXTURES / "cfg_tiny" / "ckpt.pt"
-    path = tmp_path / f"{kind}.pt"
-    if kind == "directory":
-        path.mkdir()
-    elif kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("this is not a checkpoint\n")
-    elif kind == "truncated":
-        path.write_bytes(official.read_bytes()[: official.stat().st_size // 2])
-    elif kind == "other_model":  # the official layout, for another model class
-        checkpoint = torch.load(official, weights_only=True)
-        checkpoint["config"]["model"] = "gemnet_oc"
-        torch.save(checkpoint, path)
-    elif kind == "unknown_options":  # this package's format, with a configuration it does not know
-        torch.save({"format": "spherical_channels/checkpoint-v1", "model_config": {"lmaxx": 3}, "state_dict": {}}, path)
-    elif kind == "not_a_dict":
-        torch.save([1, 2, 3], path)
-    return path  # "missing": never created
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize(
-    "kind", ["missing", "directory", "empty", "text", "truncated", "other_model", "unknown_options", "not_a_dict"]
+    "kind", ["missing", "directory", "empty", "text", "truncated", "bit_flipped", "other_model", "unknown_options", "not_a_dict"]
 )
-def test_a_bad_checkpoint_is_one_line_naming_the_file(command: str, kind: str, tmp_path: Path) -> None:
-    path = _bad_checkpoint(kind, tmp_path)
+def test_a_bad_checkpoint_is_one_line_naming_the_file(command: str, kind: str, tmp_path: Path, bad_checkpoint) -> None:
+    path = bad_checkpoint(kind)
     with pytest.raises(SystemExit) as exc:
         main([command, str(path), "example", "--quiet", "-o", str(tmp_path / "out.extxyz")])
     message = exc.value.code
@@ -83,11 +58,11 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file(command: str, kind: str, t
     assert not (tmp_path / "out.extxyz").exists()
 
 
-def test_a_bad_checkpoint_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+def test_a_bad_checkpoint_exits_non_zero_without_a_traceback(tmp_path: Path, bad_checkpoint) -> None:
     import subprocess
     import sys
 
-    path = _bad_checkpoint("truncated", tmp_path)
+    path = bad_checkpoint("truncated")
     run = subprocess.run(
         [sys.executable, "-c", "import sys; from spherical_channels.cli import main; sys.exit(main())",
          "predict", str(path), "example", "--quiet"],

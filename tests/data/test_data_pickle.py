@@ -10,6 +10,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
+import yaml
 import torch
 from ase import Atoms
 
@@ -180,3 +181,30 @@ def test_pickle_globals_reads_opcodes_only(tmp_path: Path) -> None:
     assert pickle_globals(b"not a pickle") == []
     atoms = Atoms("H")
     assert "ase.atoms.Atoms" in pickle_globals(pickle.dumps(atoms, protocol=2))
+
+
+def _train_config(tmp_path: Path, data: Path) -> Path:
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"num_interactions": 1, "lmax": 1, "mmax": 1, "sphere_channels": 4, "sphere_channels_reduce": 4,
+                  "hidden_channels": 8, "num_sphere_samples": 8, "num_basis_functions": 4, "cutoff": 4.0,
+                  "max_num_neighbors": 8},
+        "optim": {"batch_size": 3, "max_steps": 1, "warmup_steps": 0},
+        "dataset": {"train": str(data)},
+        "run": {"output_dir": str(tmp_path / "run"), "progress": False, "plots": False},
+    }))
+    return config
+
+
+def test_scn_train_refuses_a_legacy_lmdb_without_opt_in_and_trains_with_it(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "code_ran"
+    path = evil_lmdb(tmp_path / "train.lmdb", marker)
+    config = _train_config(tmp_path, path)
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(config)])
+    message = str(info.value.code)
+    assert message.startswith(f"scn train: {path}: a legacy OC20 LMDB") and "--trust-pickle" in message
+    assert not marker.exists()
+    with pytest.warns(UntrustedPickleWarning):
+        assert main(["train", str(config), "--trust-pickle"]) == 0
+    assert marker.exists() and (tmp_path / "run" / "checkpoints" / "last.pt").exists()

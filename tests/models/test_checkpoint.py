@@ -123,30 +123,9 @@ def test_a_saved_model_records_its_current_config(tmp_path: Path) -> None:
     assert again.config == model.config and again.eval_roll == "random"
 
 
-def _bit_flipped(source: Path, target: Path) -> Path:
-    data = bytearray(source.read_bytes())
-    for offset in range(200, len(data), 997):
-        data[offset] ^= 0xFF
-    target.write_bytes(bytes(data))
-    return target
-
-
-@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "text", "truncated", "bit-flipped", "not-a-dict"])
-def test_bad_files_give_an_error_naming_the_file(tmp_path: Path, kind: str) -> None:
-    source = FIXTURES / "cfg_tiny" / "ckpt.pt"
-    path = tmp_path / f"{kind}.pt"
-    if kind == "directory":
-        path.mkdir()
-    elif kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("model: scn\nlmax: 6\n")
-    elif kind == "truncated":
-        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    elif kind == "bit-flipped":
-        _bit_flipped(source, path)
-    elif kind == "not-a-dict":
-        torch.save([1, 2, 3], path)
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "text", "truncated", "bit_flipped", "not_a_dict"])
+def test_bad_files_give_an_error_naming_the_file(kind: str, bad_checkpoint) -> None:
+    path = bad_checkpoint(kind)
     expected = FileNotFoundError if kind == "missing" else CheckpointError
     with pytest.raises(expected) as info:
         load_model(path)

@@ -25,6 +25,8 @@ from spherical_channels.testing.scn import ROTATION_BOUNDS
 
 from conftest import scale_like_fixtures
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "small"
 VARIANTS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 FAST = dict(smoothness_steps=8, num_rotations=2)
@@ -37,16 +39,6 @@ EXACT = ("translation", "permutation", "batch", "wrapping", "supercell", "batch_
 #: vanish by symmetry): measured 0.07-0.70 on these shrunk variants with edge rotation, in both
 #: dtypes; stated as "at most twice the largest regular force".
 OFFICIAL_TIE_BOUND = 2.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: these models are tiny, and on a shared 2-core machine a second thread only
-    contends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(variant: str, **changes) -> SCN:

@@ -25,17 +25,9 @@ from spherical_channels.testing import (
     run_property_suite,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(smoothness_steps=40)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: these models are tiny, and on a shared 2-core machine a second thread only
-    contends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PairPotential(nn.Module):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataItem", "OPTIMIZER_NAMES", "TRUST_PICKLE_HELP", "add_trust_pickle_argument", "data_items", "open_structures"]
+__all__ = [
+    "DataItem", "OPTIMIZER_NAMES", "TRUST_PICKLE_HELP", "add_trust_pickle_argument", "check_device", "data_items",
+    "describe_failure", "load_checkpoint_model", "naming", "one_line", "open_input_structures", "open_structures",
+    "prepare_output", "write_json",
+]
 
 #: Help text of ``--trust-pickle`` (the same on every command).
 TRUST_PICKLE_HELP = (
@@ -79,6 +85,8 @@ def data_items(paths: list[str], trust_pickle: bool = False) -> list[DataItem]:
         if not path.exists():
             raise FileNotFoundError(f"no such file or directory: {path}")
         data = open_structures(path, trust_pickle=trust_pickle)
+        if len(data) == 0:
+            raise ValueError(f"{path} holds no structures")
         first = data[0]
         task = "relax" if ("relaxed_energy" in first.info or "relaxed_positions" in first.arrays) else "s2ef"
         items.append(DataItem(path.stem, task, path, data, trust_pickle=trust_pickle))
@@ -92,3 +100,104 @@ def is_emt_data(paths: list[str]) -> bool:
         if meta.exists() and "EMT" in json.dumps(json.loads(meta.read_text())).upper():
             return True
     return False
+
+
+# ---------------------------------------------------------------------- shared by predict, eval, relax
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its first line of text, after its type unless it is one of
+    the ValueError / OSError kinds whose messages say what is wrong by themselves."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {lines[0]}"
+
+
+def naming(path: Path | str, message: str) -> str:
+    """``message``, prefixed with ``path`` unless it names it already."""
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def check_device(command: str, device: str) -> Any:
+    """``torch.device(device)``, or a ``SystemExit`` when it is malformed or not usable here
+    (checked before any work, so that it is not mistaken for a bad checkpoint)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+        torch.zeros(1, device=parsed)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+        raise SystemExit(f"scn {command}: device {device!r} is not usable: {one_line(err)}") from None
+    return parsed
+
+
+def load_checkpoint_model(
+    command: str,
+    path: Path | str,
+    *,
+    weights: str = "auto",
+    device: Any = "cpu",
+    dtype: Any = None,
+    trust_pickle: bool = False,
+) -> tuple[Mapping[str, Any], Any]:
+    """``(checkpoint dictionary, SCN in eval mode)`` from ``path``; any failure (missing file,
+    directory, empty, truncated, not a checkpoint, another model, weights that do not fit) is
+    a one-line ``SystemExit`` naming the file."""
+    from ..models.checkpoint import load_model, read_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"scn {command}: no such file: {path} (the checkpoint)")
+    try:
+        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+        model = load_model(checkpoint, weights=weights, dtype=dtype)
+    # the loader names the file for the failures it knows; anything else a file can make
+    # torch or the model constructor raise is still this file's fault, not a crash
+    except Exception as err:  # noqa: BLE001
+        # load_model names a dictionary it was handed "checkpoint": the file is the name here
+        message = re.sub(r"^checkpoint: ", "", one_line(err))
+        if str(path) not in message:
+            message = f"{path}: cannot load the checkpoint: {message}"
+        raise SystemExit(f"scn {command}: {message}") from None
+    return checkpoint, model.to(device=device)
+
+
+def open_input_structures(command: str, path: Path | str, trust_pickle: bool = False) -> Sequence[Any]:
+    """The structures of ``path`` (:func:`~.common.open_structures`); a missing, unreadable or
+    empty file is a one-line ``SystemExit`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"scn {command}: no such file: {path}")
+    try:
+        structures = open_structures(path, trust_pickle=trust_pickle)
+    except Exception as err:  # noqa: BLE001 - ASE's readers raise many types for a bad file
+        raise SystemExit(f"scn {command}: {naming(path, one_line(err))}") from None
+    if len(structures) == 0:
+        raise SystemExit(f"scn {command}: {path} holds no structures")
+    return structures
+
+
+def prepare_output(command: str, path: Path | None) -> None:
+    """Create the parent directory of an output file before any work, so that a path that
+    cannot be written fails at once rather than after the computation."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SystemExit(f"scn {command}: output {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"scn {command}: cannot create the directory of {path}: {one_line(err)}") from None
+
+
+def describe_failure(source: Path | str, index: int, message: str) -> str:
+    """"structure INDEX of SOURCE: MESSAGE", unless the message already says where."""
+    return message if str(source) in message else f"structure {index} of {source}: {message}"
+
+
+def write_json(path: Path, value: Any, indent: int = 1) -> None:
+    """Strict JSON (undefined numbers as null, never a ``NaN`` token)."""
+    from ..evaluation.metrics import json_safe
+
+    path.write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False))

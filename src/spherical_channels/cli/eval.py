@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate_relaxations, evaluate_s2ef, s2ef_baseline
     from ..simulation import SCNCalculator
     from .common import data_items, is_emt_data
-    from .predict import check_device, describe_failure, load_checkpoint_model, naming, one_line, prepare_output
+    from .common import check_device, describe_failure, load_checkpoint_model, naming, one_line, prepare_output
 
     for name in ("batch_size", "max_structures", "max_relax"):
         value = getattr(args, name)
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _write(args: argparse.Namespace, rows: dict[str, dict], incomplete: str | None = None) -> None:
     """The metrics as strict JSON (undefined ones null); ``incomplete`` says why a run stopped."""
-    from .predict import write_json
+    from .common import write_json
 
     if args.output:
         report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "splits": rows}

@@ -1,19 +1,24 @@
-"""``scn predict``: energies and forces of structures with a checkpoint.
-
-Also the loading helpers that ``scn eval`` and ``scn relax`` share with it: each turns a bad
-checkpoint, structure file or device into a one-line ``SystemExit`` naming it.
-"""
+"""``scn predict``: energies and forces of structures with a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .common import (
+    check_device,
+    describe_failure,
+    load_checkpoint_model,
+    one_line,
+    open_input_structures,
+    prepare_output,
+    write_json,
+)
 
 __all__ = ["add_parser"]
 
@@ -48,109 +53,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_trust_pickle_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run_predict)
-
-
-# ---------------------------------------------------------------------- shared by eval, relax
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its first line of text, after its type unless it is one of
-    the ValueError / OSError kinds whose messages say what is wrong by themselves."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return lines[0] if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {lines[0]}"
-
-
-def naming(path: Path | str, message: str) -> str:
-    """``message``, prefixed with ``path`` unless it names it already."""
-    return message if str(path) in message else f"{path}: {message}"
-
-
-def check_device(command: str, device: str) -> Any:
-    """``torch.device(device)``, or a ``SystemExit`` when it is malformed or not usable here
-    (checked before any work, so that it is not mistaken for a bad checkpoint)."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-        torch.zeros(1, device=parsed)
-    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
-        raise SystemExit(f"scn {command}: device {device!r} is not usable: {one_line(err)}") from None
-    return parsed
-
-
-def load_checkpoint_model(
-    command: str,
-    path: Path | str,
-    *,
-    weights: str = "auto",
-    device: Any = "cpu",
-    dtype: Any = None,
-    trust_pickle: bool = False,
-) -> tuple[Mapping[str, Any], Any]:
-    """``(checkpoint dictionary, SCN in eval mode)`` from ``path``; any failure (missing file,
-    directory, empty, truncated, not a checkpoint, another model, weights that do not fit) is
-    a one-line ``SystemExit`` naming the file."""
-    from ..models.checkpoint import load_model, read_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"scn {command}: no such file: {path} (the checkpoint)")
-    try:
-        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
-        model = load_model(checkpoint, weights=weights, dtype=dtype)
-    # the loader names the file for the failures it knows; anything else a file can make
-    # torch or the model constructor raise is still this file's fault, not a crash
-    except Exception as err:  # noqa: BLE001
-        # load_model names a dictionary it was handed "checkpoint": the file is the name here
-        message = re.sub(r"^checkpoint: ", "", one_line(err))
-        if str(path) not in message:
-            message = f"{path}: cannot load the checkpoint: {message}"
-        raise SystemExit(f"scn {command}: {message}") from None
-    return checkpoint, model.to(device=device)
-
-
-def open_input_structures(command: str, path: Path | str, trust_pickle: bool = False) -> Sequence[Any]:
-    """The structures of ``path`` (:func:`~.common.open_structures`); a missing, unreadable or
-    empty file is a one-line ``SystemExit`` naming it."""
-    from .common import open_structures
-
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"scn {command}: no such file: {path}")
-    try:
-        structures = open_structures(path, trust_pickle=trust_pickle)
-    except Exception as err:  # noqa: BLE001 - ASE's readers raise many types for a bad file
-        raise SystemExit(f"scn {command}: {naming(path, one_line(err))}") from None
-    if len(structures) == 0:
-        raise SystemExit(f"scn {command}: {path} holds no structures")
-    return structures
-
-
-def prepare_output(command: str, path: Path | None) -> None:
-    """Create the parent directory of an output file before any work, so that a path that
-    cannot be written fails at once rather than after the computation."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise SystemExit(f"scn {command}: output {path} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SystemExit(f"scn {command}: cannot create the directory of {path}: {one_line(err)}") from None
-
-
-def describe_failure(source: Path | str, index: int, message: str) -> str:
-    """"structure INDEX of SOURCE: MESSAGE", unless the message already says where."""
-    return message if str(source) in message else f"structure {index} of {source}: {message}"
-
-
-def write_json(path: Path, value: Any, indent: int = 1) -> None:
-    """Strict JSON (undefined numbers as null, never a ``NaN`` token)."""
-    from ..evaluation.metrics import json_safe
-
-    path.write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False))
 
 
 # ---------------------------------------------------------------------- scn predict

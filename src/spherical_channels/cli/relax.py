@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..data.formats.extxyz import ExtxyzWriter
     from ..simulation import SCNCalculator, relax
-    from .predict import (
+    from .common import (
         check_device,
         describe_failure,
         load_checkpoint_model,

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .common import add_trust_pickle_argument
+
 __all__ = ["add_parser", "one_line"]
 
 EPILOG = """\
@@ -51,6 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="start afresh in a run.output_dir that holds an earlier run (removes what that run wrote)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a configuration value (repeatable), e.g. --set optim.batch_size=8")
+    add_trust_pickle_argument(p)
     p.set_defaults(func=_run)
 
 
@@ -93,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     expected = (ConfigError, RunDirectoryError, TrainingDiverged, ValueError, OSError)
     try:
         config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
+        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
     except expected as err:  # ValueError: DataError, CheckpointError; OSError: unreadable files
         raise _fail(one_line(err)) from None
     except KeyboardInterrupt:

@@ -138,7 +138,7 @@ class SCNConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "SCNConfig":
         """A config from this package's keys; unknown keys are an error naming them."""
         values = dict(values)
-        unknown = set(values) - {f.name for f in fields(cls)}
+        unknown = set(values) - cls.option_names()
         if unknown:
             raise ConfigError(f"unknown SCN options {sorted(unknown)}; known: {sorted(cls.option_names())}")
         return cls(**values)
@@ -155,8 +155,12 @@ class SCNConfig:
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
-        """Names of every option."""
-        return frozenset(f.name for f in fields(cls))
+        """Names of every option (computed once: the model's attribute lookup asks often)."""
+        names = cls.__dict__.get("_option_names")
+        if names is None:
+            names = frozenset(f.name for f in fields(cls))
+            type.__setattr__(cls, "_option_names", names)
+        return names
 
     def replace(self, **changes: Any) -> "SCNConfig":
         """A copy with ``changes`` (validated again)."""

@@ -23,8 +23,9 @@ from .config import DataSource
 __all__ = ["GraphCollate", "IndexedDataset", "TrainingBatch", "collate", "locate_in_data_set", "open_training_data"]
 
 
-def open_training_data(source: DataSource, max_atomic_number: int) -> Dataset:
-    """A data set with energy and force targets, validated as it is read."""
+def open_training_data(source: DataSource, max_atomic_number: int, trust_pickle: bool = False) -> Dataset:
+    """A data set with energy and force targets, validated as it is read; ``trust_pickle``
+    allows a legacy OC20 LMDB (its records are unpickled, which can run code)."""
     from ..data.datasets import open_dataset
 
     return open_dataset(
@@ -35,6 +36,7 @@ def open_training_data(source: DataSource, max_atomic_number: int) -> Dataset:
         require_energy=True,
         require_forces=True,
         max_atomic_number=max_atomic_number,
+        trust_pickle=trust_pickle,
     )
 
 

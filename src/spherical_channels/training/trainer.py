@@ -84,8 +84,10 @@ class Trainer:
         ctx: DistributedContext | None = None,
         callbacks: Iterable[Callback] | None = None,
         overwrite: bool = False,
+        trust_pickle: bool = False,
     ) -> None:
         self.config = config
+        self.trust_pickle = trust_pickle
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.run.dtype)
         if self.dtype is None:
             raise ConfigError(f"run.dtype must be float32 or float64, got {config.run.dtype!r}")
@@ -128,8 +130,9 @@ class Trainer:
         self.model = SCN(SCNConfig.from_official(config.model)).to(device=self.device, dtype=self.dtype)
         model_config = self.model.config
         max_z = model_config.max_num_elements - 1
-        self.train_data = open_training_data(config.train, max_z)
-        self.val_data = open_training_data(config.val, max_z) if config.val else None
+        self.train_data = open_training_data(config.train, max_z, trust_pickle=self.trust_pickle)
+        self.val_data = (open_training_data(config.val, max_z, trust_pickle=self.trust_pickle)
+                         if config.val else None)
         self.statistics = self._statistics(checkpoint)
         self._apply_statistics()
         self.collate = GraphCollate(
