@@ -175,6 +175,7 @@ class MessageBlock(nn.Module):
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
         scalar_input: bool = False,
+        edge_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -183,6 +184,8 @@ class MessageBlock(nn.Module):
             edge_index: ``[2, E]`` (source, target).
             wigner: ``[E, K, (L+1)^2]`` rows ``self.kept`` of each edge frame's Wigner-D.
             scalar_input: ``x`` is zero above degree 0 (see the class docstring).
+            edge_weight: ``[E]`` factor of each message (the smooth variant's envelope and
+                switches); ``None``: 1.
 
         Returns:
             ``[N, (L+1)^2, C']`` sum of the messages arriving at each node, global frame.
@@ -209,6 +212,8 @@ class MessageBlock(nn.Module):
             wigner = wigner.index_select(1, rows)
         else:
             combined = self.taps.combine_taps(out.view(num_edges, self.taps.num_taps, k, c))
+        if edge_weight is not None:
+            combined = combined * edge_weight.to(combined.dtype).view(-1, 1, 1)
         return rotate_scatter(wigner, combined, target, num_nodes)
 
 
@@ -317,7 +322,8 @@ class InteractionBlock(nn.Module):
             expanded_distance: ``[E, G]`` distance expansion of every edge.
             atomic_numbers: ``[N]``.
             edge_index: ``[2, E]`` (source, target), edges grouped by resolution.
-            groups: per resolution, ``(edge slice, wigner [E_r, K_r, (L_r+1)^2])``.
+            groups: per resolution, ``(edge slice, wigner [E_r, K_r, (L_r+1)^2], weight [E_r]
+                or None)``.
             scalar_input: ``x`` is zero above degree 0 (the first layer).
 
         Returns:
@@ -328,13 +334,14 @@ class InteractionBlock(nn.Module):
         )
         x_down = self.downsample(x) if self.resample else x
         summed = None
-        for block, (edges, wigner) in zip(self.message_blocks, groups):
+        for block, (edges, wigner, weight) in zip(self.message_blocks, groups):
             message = block(
                 x_down[:, : block.num_coefficients],
                 edge_features[edges],
                 edge_index[:, edges],
                 wigner,
                 scalar_input=scalar_input,
+                edge_weight=weight,
             )
             missing = x_down.shape[1] - block.num_coefficients  # a lower-degree resolution
             if missing:

@@ -60,6 +60,17 @@ class SCNConfig:
         neighbor_ties: how distances tied at the neighbour cap and at the resolution boundary are
             broken: ``"official"`` (as the official code: by edge order, which follows atom order)
             or ``"shell"`` (independent of atom order; see :mod:`spherical_channels.data.neighbors`).
+        smooth: the smooth variant (:mod:`spherical_channels.models.smooth`): an envelope takes
+            every message and its first two derivatives to zero at the cutoff, no neighbour
+            cap (``max_num_neighbors`` is ignored), resolutions by distance and blended frames.
+            The energy is then C2 in the positions and independent of atom order.
+        resolution_distance, resolution_band: with ``smooth`` and two resolutions, edges
+            shorter than ``resolution_distance - band/2`` (Å) use the full resolution, longer
+            than ``resolution_distance + band/2`` the reduced one, blended in between.
+        envelope_exponent: exponent p of the polynomial envelope (smooth variant and ZBL).
+        zbl: add the ZBL screened nuclear repulsion (:mod:`spherical_channels.models.repulsion`)
+            to the energy; it vanishes beyond ``zbl_radius_scale`` x the sum of the two
+            covalent radii.
     """
 
     use_pbc: bool = True
@@ -91,6 +102,12 @@ class SCNConfig:
     edge_rotation: bool = True
     sphere_weighting: SphereWeighting = "fairchem"
     neighbor_ties: NeighborTies = "official"
+    smooth: bool = False
+    resolution_distance: float = 3.0
+    resolution_band: float = 0.5
+    envelope_exponent: int = 5
+    zbl: bool = False
+    zbl_radius_scale: float = 0.6
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -122,6 +139,15 @@ class SCNConfig:
         need(self.basis_width_scalar > 0, f"basis_width_scalar must be > 0, got {self.basis_width_scalar}")
         for name in ("sphere_channels", "sphere_channels_reduce", "hidden_channels", "num_sphere_samples", "num_basis_functions"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.envelope_exponent >= 2, f"envelope_exponent must be >= 2, got {self.envelope_exponent}")
+        need(0 < self.zbl_radius_scale <= 2, f"zbl_radius_scale must be in (0, 2], got {self.zbl_radius_scale}")
+        need(self.resolution_band > 0, f"resolution_band must be > 0 Å, got {self.resolution_band}")
+        need(
+            not (self.smooth and self.num_resolutions == 2)
+            or self.resolution_band / 2 < self.resolution_distance < self.cutoff - self.resolution_band / 2,
+            f"resolution_distance ± resolution_band/2 must lie inside (0, cutoff), got "
+            f"{self.resolution_distance} ± {self.resolution_band / 2} with cutoff {self.cutoff}",
+        )
         if self.num_resolutions == 2:
             need(
                 self.hidden_channels >= 4,

@@ -19,19 +19,24 @@ from torch import nn
 from ..data.batch import AtomicBatch
 from ..data.validation import validate_batch
 from ..data.neighbors import Graph, build_graph, edge_vectors, neighbor_ranks
-from ..so3.frames import edge_frames
+from ..so3.frames import edge_frames, reference_a
 from ..so3.harmonics import grouped_reduced_coefficients, num_coefficients
 from ..so3.wigner import WignerD
 from .basis import make_distance_expansion
 from .blocks import InteractionBlock, OutputMLP, SphereSampler
 from .config import RUNTIME_OPTIONS, ConfigError, SCNConfig
 from .ops import no_autocast
+from .repulsion import ZBLRepulsion
 from .response import compute_response
+from .smooth import smooth_edge_copies
 
 __all__ = ["SCN", "SCNConfig", "EdgeData", "NEAR_NEIGHBOR_RANKS"]
 
 #: Neighbours of rank 0..11 use the full resolution; ranks 12.. the reduced one (paper B.1).
 NEAR_NEIGHBOR_RANKS = 12
+
+#: The neighbour "cap" of the smooth variant: none (every pair within the cutoff).
+UNCAPPED = 2**62
 
 
 @dataclass
@@ -40,6 +45,9 @@ class EdgeData:
 
     Shapes: ``edge_index [2, E]`` (source, target), ``vectors [E, 3]`` (target -> source image),
     ``distance [E]``, ``rank [E]``, ``frames [E, 3, 3]`` (``frames @ unit(vectors) = +y``).
+    The smooth variant sends edges as weighted copies (:mod:`.smooth`): ``weight [E]`` multiplies
+    each copy's message (``None``: all 1), and ``pairs`` holds the graph's own edges
+    ``(edge_index [2, P], vectors [P, 3], distance [P])`` (``None``: the edges above are they).
     """
 
     edge_index: torch.Tensor
@@ -49,6 +57,12 @@ class EdgeData:
     rank: torch.Tensor
     frames: torch.Tensor
     resolution_slices: list[slice]
+    weight: torch.Tensor | None = None
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def graph_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(edge_index, vectors, distance)`` of the graph's edges, each once."""
+        return self.pairs if self.pairs is not None else (self.edge_index, self.vectors, self.distance)
 
 
 class SCN(nn.Module):
@@ -121,6 +135,7 @@ class SCN(nn.Module):
         self.register_buffer("energy_shift", torch.tensor(0.0))
         self.register_buffer("force_scale", torch.tensor(1.0))
         self.register_buffer("element_energies", torch.zeros(c.max_num_elements))
+        self.repulsion = ZBLRepulsion(c.max_num_elements, c.zbl_radius_scale, c.envelope_exponent) if c.zbl else None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -208,7 +223,8 @@ class SCN(nn.Module):
     def build_graph(self, batch: AtomicBatch) -> Graph:
         """The radius graph this model uses (cutoff, neighbour cap and tie rule of its config);
         build it ahead (e.g. in DataLoader workers) and pass it to ``forward(batch, graph)``."""
-        return build_graph(batch, self.cutoff, self.max_num_neighbors, ties=self.neighbor_ties)
+        cap = UNCAPPED if self.smooth else self.max_num_neighbors
+        return build_graph(batch, self.cutoff, cap, ties=self.neighbor_ties)
 
     def edge_data(
         self,
@@ -234,6 +250,8 @@ class SCN(nn.Module):
     ) -> EdgeData:
         """Ranks, resolution groups and frames for given edges ``[2, E]`` and vectors ``[E, 3]``."""
         distance = torch.linalg.vector_norm(vectors, dim=-1)
+        if self.smooth:
+            return self._smooth_edges(edge_index, cell_offsets, vectors, distance)
         rank = neighbor_ranks(
             distance.detach(), edge_index[1], num_atoms, self.max_num_neighbors, ties=self.neighbor_ties
         )
@@ -257,6 +275,34 @@ class SCN(nn.Module):
             resolution_slices=slices,
         )
 
+    def _smooth_edges(
+        self, edge_index: torch.Tensor, cell_offsets: torch.Tensor, vectors: torch.Tensor, distance: torch.Tensor
+    ) -> EdgeData:
+        """The smooth variant's weighted edge copies, grouped by resolution."""
+        copies = smooth_edge_copies(
+            vectors, distance,
+            cutoff=self.cutoff, exponent=self.envelope_exponent, num_resolutions=len(self.lmax_list),
+            resolution_distance=self.resolution_distance, resolution_band=self.resolution_band,
+            reference_a=reference_a(vectors),
+        )
+        order = torch.argsort(copies.resolution, stable=True)
+        edge, resolution = copies.edge[order], copies.resolution[order]
+        counts = torch.bincount(resolution, minlength=len(self.lmax_list)).tolist()
+        starts = list(itertools.accumulate(counts, initial=0))
+        copy_vectors = vectors[edge]
+        roll = self.current_roll if self.edge_rotation else "none"
+        return EdgeData(
+            edge_index=edge_index[:, edge],
+            cell_offsets=cell_offsets[edge],
+            vectors=copy_vectors,
+            distance=distance[edge],
+            rank=torch.zeros_like(edge),
+            frames=edge_frames(copy_vectors, roll, use_b=copies.use_b[order]),
+            resolution_slices=[slice(starts[i], starts[i + 1]) for i in range(len(counts))],
+            weight=copies.weight[order],
+            pairs=(edge_index, vectors, distance),
+        )
+
     # ------------------------------------------------------------------ forward
     def embed(self, batch: AtomicBatch, edges: EdgeData) -> torch.Tensor:
         """Node coefficients after all interaction layers: ``[N, (L+1)^2, C]``."""
@@ -269,7 +315,7 @@ class SCN(nn.Module):
         expanded = self.distance_expansion(edges.distance)
         with no_autocast(edges.frames):
             groups = [
-                (edges_r, wigner(edges.frames[edges_r]))
+                (edges_r, wigner(edges.frames[edges_r]), None if edges.weight is None else edges.weight[edges_r])
                 for edges_r, wigner in zip(edges.resolution_slices, self.wigner)
             ]
         for layer, interaction in enumerate(self.interactions):
@@ -305,11 +351,21 @@ class SCN(nn.Module):
         node_energy = node_energy * self.energy_scale + self.element_energies[batch.atomic_numbers].to(node_energy.dtype)
         energy = torch.zeros(batch.num_structures, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, batch.batch, node_energy)
-        out = {"energy": energy + self.energy_shift}
+        energy = energy + self.energy_shift
+        if self.repulsion is not None:
+            pair_index, pair_vectors, pair_distance = edges.graph_pairs()
+            energy = energy + self.repulsion(
+                pair_distance.to(dtype), pair_index, batch.atomic_numbers, batch.batch, batch.num_structures
+            )
+        out = {"energy": energy}
         if self.regress_forces and self.direct_forces:
             magnitude = self.force_head(values)  # [N, P, 1]
             directions = self.sphere_sampler.directions.to(magnitude.dtype)
             out["forces"] = self.sphere_sampler.integrate(magnitude * directions).to(dtype) * self.force_scale
+            if self.repulsion is not None:  # the prior's own forces, analytic
+                out["forces"] = out["forces"] + self.repulsion.forces(
+                    pair_vectors.detach().to(dtype), pair_index, batch.atomic_numbers
+                )
         return out
 
     @property

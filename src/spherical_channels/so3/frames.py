@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["ROLL_MODES", "edge_frames", "fixed_roll_frames", "roll_about_y", "identity_frames"]
+__all__ = ["ROLL_MODES", "edge_frames", "fixed_roll_frames", "identity_frames", "reference_a", "roll_about_y"]
 
 ROLL_MODES = ("fixed", "random", "none")
 
@@ -46,7 +46,13 @@ def roll_about_y(angle: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-2)
 
 
-def fixed_roll_frames(edge_vec: torch.Tensor) -> torch.Tensor:
+def reference_a(like: torch.Tensor) -> torch.Tensor:
+    """The fixed roll rule's first reference vector, unit length, ``[3]``."""
+    ref = like.new_tensor(_REF_A)
+    return ref / torch.linalg.vector_norm(ref)
+
+
+def fixed_roll_frames(edge_vec: torch.Tensor, use_b: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic edge frames ``R`` with ``R @ unit(edge_vec) = (0, 1, 0)``.
 
     Rule (``tests/fixtures/README.md``): ``ref = refB if |x . refA| > 0.9 else refA``;
@@ -54,16 +60,18 @@ def fixed_roll_frames(edge_vec: torch.Tensor) -> torch.Tensor:
 
     Args:
         edge_vec: ``[E, 3]`` edge vectors (need not be unit length, must be non-zero).
+        use_b: ``[E]`` bool, which edges take reference B (default: the rule above; the smooth
+            SCN chooses per edge copy, see :mod:`spherical_channels.models.smooth`).
 
     Returns:
         ``[E, 3, 3]`` proper rotations, differentiable wrt ``edge_vec``.
     """
     x = edge_vec / torch.linalg.vector_norm(edge_vec, dim=-1, keepdim=True)
-    ref_a = edge_vec.new_tensor(_REF_A)
-    ref_a = ref_a / torch.linalg.vector_norm(ref_a)
+    ref_a = reference_a(edge_vec)
     ref_b = edge_vec.new_tensor(_REF_B)
     ref_b = ref_b / torch.linalg.vector_norm(ref_b)
-    use_b = (x @ ref_a).abs() > _SWITCH
+    if use_b is None:
+        use_b = (x @ ref_a).abs() > _SWITCH
     ref = torch.where(use_b.unsqueeze(-1), ref_b, ref_a).expand_as(x)
     z = torch.linalg.cross(x, ref, dim=-1)
     z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
@@ -82,6 +90,7 @@ def edge_frames(
     edge_vec: torch.Tensor,
     roll: str = "fixed",
     generator: torch.Generator | None = None,
+    use_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edge frames under a roll rule.
 
@@ -90,17 +99,18 @@ def edge_frames(
         roll: ``"fixed"`` (deterministic), ``"random"`` (fixed frame then a uniform random roll
             about the edge, per edge), or ``"none"`` (identity: the no-rotation ablation).
         generator: random generator for ``"random"``.
+        use_b: per-edge reference choice of the fixed rule (see :func:`fixed_roll_frames`).
 
     Returns:
         ``[E, 3, 3]``; for ``"fixed"`` and ``"random"``, ``R @ unit(edge_vec) = (0, 1, 0)``.
     """
     if roll == "fixed":
-        return fixed_roll_frames(edge_vec)
+        return fixed_roll_frames(edge_vec, use_b)
     if roll == "random":
         angle = torch.rand(
             edge_vec.shape[0], generator=generator, dtype=edge_vec.dtype, device=edge_vec.device
         ) * (2.0 * math.pi)
-        return roll_about_y(angle) @ fixed_roll_frames(edge_vec)
+        return roll_about_y(angle) @ fixed_roll_frames(edge_vec, use_b)
     if roll == "none":
         return identity_frames(edge_vec)
     raise ValueError(f"unknown roll rule {roll!r}; expected one of {ROLL_MODES}")
