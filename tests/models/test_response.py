@@ -11,7 +11,7 @@ from spherical_channels.data.batch import AtomicBatch
 from spherical_channels.models import SCN
 from spherical_channels.models.response import NoStressError, voigt
 
-from conftest import scale_like_fixtures
+from scn_helpers import scale_like_fixtures
 
 SMALL = dict(num_interactions=2, lmax=3, mmax=1, sphere_channels=8, sphere_channels_reduce=8, hidden_channels=16,
              num_sphere_samples=16, num_basis_functions=8, max_num_neighbors=20, cutoff=4.5, max_num_elements=30)

@@ -17,7 +17,7 @@ from spherical_channels.data.neighbors import build_graph
 from spherical_channels.diagnostics import rotation_mad
 from spherical_channels.models import SCN
 
-from conftest import scale_like_fixtures
+from scn_helpers import scale_like_fixtures
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMALL = dict(

@@ -17,7 +17,7 @@ from spherical_channels.models.checkpoint import load_model
 from spherical_channels.resources import EXAMPLE_CHECKPOINT, resource_path
 from spherical_channels.simulation import relax
 
-from conftest import scale_like_fixtures
+from scn_helpers import scale_like_fixtures
 
 SMALL = dict(num_interactions=2, lmax=3, mmax=1, sphere_channels=8, sphere_channels_reduce=8, hidden_channels=16,
              num_sphere_samples=16, num_basis_functions=8, max_num_neighbors=20, cutoff=5.0)

@@ -24,8 +24,12 @@ import torch
 
 __all__ = ["FRAME_BAND", "EdgeCopies", "polynomial_envelope", "smoothstep", "smooth_edge_copies"]
 
-#: ``|unit(edge) . refA|`` band over which the frame moves from reference A to reference B.
-FRAME_BAND = (0.8, 0.9)
+#: ``|unit(edge) . refA|`` band over which the frame moves from reference A to reference B. Inside
+#: it refB (orthogonal to refA) stays at least acos(0.71) from the edge; the width sets how
+#: curved the blend is (a 0.1-wide band made the energy's third derivative large enough that the
+#: property suite's central-difference stress erred by 1.7e-6 relative) against how many edges
+#: are sent twice (the band holds 20% of directions).
+FRAME_BAND = (0.7, 0.9)
 
 
 def smoothstep(t: torch.Tensor) -> torch.Tensor:

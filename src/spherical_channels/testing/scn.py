@@ -42,9 +42,9 @@ def scn_expectations(config: Any) -> Expectations:
     * rotation: bounded by :data:`ROTATION_BOUNDS` for the config's family. Without edge
       rotation the model sees edge lengths only: its energy is exactly invariant, and so are
       conservative forces; direct forces are then not equivariant at all (report only).
-    * permutation and supercell on symmetric crystals: exact with ``neighbor_ties="shell"``;
-      report only with the official tie rule, which breaks them (a test states the measured
-      bound).
+    * permutation and supercell on symmetric crystals: exact with ``neighbor_ties="shell"`` or
+      the smooth variant (no cap); report only with the official tie rule, which breaks them (a
+      test states the measured bound).
     * isolated atoms: exact for conservative models; report only for the direct force head,
       whose output points' weighted mean direction is not zero (fairchem's Fibonacci points):
       an isolated atom gets a small constant force along it.
@@ -61,7 +61,7 @@ def scn_expectations(config: Any) -> Expectations:
         # distances (exactly invariant); direct forces are then fixed vectors in the global frame.
         energy = "exact"
         forces = "exact" if conservative else None
-    ties_exact = getattr(config, "neighbor_ties", "official") == "shell"
+    ties_exact = getattr(config, "neighbor_ties", "official") == "shell" or getattr(config, "smooth", False)
     overrides: dict[str, Any] = {}
     if not conservative:
         overrides["isolated_atoms"] = None
