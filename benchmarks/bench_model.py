@@ -181,7 +181,7 @@ def main(argv=None) -> int:
 
     def graph_only(b):
         with torch.no_grad():
-            return build_graph(b[0], model.cutoff, model.max_num_neighbors)
+            return model.build_graph(b[0])  # the model's own rule (the smooth variant: no cap)
 
     for b in batches:
         edges_per_batch.append(graph_only(b).num_edges)

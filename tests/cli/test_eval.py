@@ -175,3 +175,57 @@ def test_data_items_names_a_file_without_structures(tmp_path: Path, content: byt
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"{path}: holds no structures"):
         data_items([str(path)])
+
+
+def test_relaxation_splits_show_the_unrelaxed_baseline(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Initial structures at their relaxed targets: the table has an 'unrelaxed' row with ADwT
+    1.000 and the adsorbate-only ADwT column; the JSON keeps the model's keys and adds
+    ``adwt_adsorbate`` and ``unrelaxed`` (strict, the IS2RE baseline from the model's energy)."""
+    frames = []
+    for shift in (0.0, 0.05):
+        atoms = structures()[2]
+        atoms.positions[-1, 2] += shift
+        atoms.set_tags([0] * 4 + [1] * 4 + [2])
+        atoms.arrays["relaxed_positions"] = atoms.positions.copy()
+        atoms.info["relaxed_energy"] = -1.0
+        frames.append(atoms)
+    data = write(tmp_path / "initial.extxyz", frames)
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(checkpoint), str(data), "--steps", "2", "--reference", "emt", "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "ADwT ads" in table and "unrelaxed: the initial structures" in table
+    unrelaxed_line = next(line for line in table.splitlines() if line.startswith("  unrelaxed"))
+    assert "1.000" in unrelaxed_line
+    relax = strict_json(out)["splits"]["initial"]["relax"]
+    assert {"adwt", "mean_distance", "num_structures", "afbt", "num_afbt_structures"} <= set(relax["is2rs"])
+    assert relax["is2rs"]["num_adsorbate_structures"] == 2 and 0 <= relax["is2rs"]["adwt_adsorbate"] <= 1
+    assert relax["unrelaxed"]["is2rs"]["adwt"] == 1.0 and relax["unrelaxed"]["is2rs"]["adwt_adsorbate"] == 1.0
+    assert relax["unrelaxed"]["is2rs"]["num_afbt_structures"] == 2
+    baseline = relax["unrelaxed"]["is2re"]  # the model's energies at the initial positions against -1 eV
+    assert baseline["energy_source"] == "model" and baseline["num_structures"] == 2
+    assert baseline["energy_mae"] == pytest.approx(np.mean(np.abs(predictions(checkpoint, frames)[0] + 1.0)), abs=1e-3)
+
+
+def test_a_split_without_adsorbate_tags_gives_null_adsorbate_adwt(checkpoint: Path, tmp_path: Path) -> None:
+    frame = structures()[2]  # no tags: no adsorbate atoms
+    frame.arrays["relaxed_positions"] = frame.positions.copy()
+    data = write(tmp_path / "untagged.extxyz", [frame])
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(checkpoint), str(data), "--steps", "1", "-o", str(out), "--quiet"]) == 0
+    relax = strict_json(out)["splits"]["untagged"]["relax"]
+    assert relax["is2rs"]["adwt_adsorbate"] is None and relax["is2rs"]["num_adsorbate_structures"] == 0
+    assert relax["unrelaxed"]["is2rs"]["adwt"] == 1.0 and "is2re" not in relax["unrelaxed"]
+
+
+def test_the_demo_report_prints_the_unrelaxed_rows() -> None:
+    from spherical_channels.cli.demo import _report
+
+    relax = {"num_structures": 2, "is2re": {"energy_mae": 0.3, "ewt": 0.0, "num_structures": 2},
+             "is2rs": {"adwt": 0.4, "adwt_adsorbate": 0.3, "num_structures": 2},
+             "unrelaxed": {"is2re": {"energy_mae": 0.8, "ewt": 0.0, "num_structures": 2},
+                           "is2rs": {"adwt": 0.2, "adwt_adsorbate": 0.1, "num_structures": 2}}}
+    timings = dict(data_s=1.0, train_s=2.0, eval_s=3.0, relax_s=4.0, total_s=10.0)
+    report = _report({"test_id": {"relax": relax}}, {"steps": 5}, timings, Path("out"))
+    row = next(line for line in report.splitlines() if line.startswith("  unrelaxed")).split()
+    assert row[1:] == ["2", "-", "-", "-", "-", "0.8000", "0.000", "0.200", "0.100", "-"]
+    assert "ADwT 0.200 unrelaxed -> 0.400 relaxed" in report

@@ -147,3 +147,108 @@ def test_a_failing_reference_calculator_costs_afbt_only() -> None:
     assert out["num_failed"] == 0 and out["num_reference_failed"] == 1
     assert out["is2rs"]["num_structures"] == 2 and out["is2rs"]["num_afbt_structures"] == 1
     assert "NotImplementedError" in out["relaxations"][1]["reference_error"]
+
+
+def tagged_slab() -> Atoms:
+    """A 2x2x2 Cu slab (bottom layer fixed, tag 0; top layer tag 1) with an O adsorbate (tag 2)."""
+    atoms = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+    atoms += Atoms("O", positions=[atoms.positions[-1] + [0.0, 0.0, 1.8]])
+    atoms.set_tags([0] * 4 + [1] * 4 + [2])
+    atoms.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
+    atoms.info.pop("adsorbate_info", None)
+    return atoms
+
+
+def test_unrelaxed_structures_at_their_relaxed_positions_score_adwt_one() -> None:
+    """Initial positions equal to the relaxed targets: the unrelaxed baseline is perfect on IS2RS
+    (ADwT 1, adsorbate ADwT 1, distance 0), and its IS2RE error is the model's energy at the
+    initial positions against the target."""
+    frames = []
+    for shift in (0.0, 0.02):
+        atoms = tagged_slab()
+        atoms.positions[-1, 2] += shift
+        atoms.arrays["relaxed_positions"] = atoms.positions.copy()
+        probe = atoms.copy()
+        probe.calc = EMT()
+        atoms.info["relaxed_energy"] = probe.get_potential_energy() - 0.5  # 0.5 eV below the initial energy
+        frames.append(atoms)
+    out = evaluate_relaxations(EMT(), frames, steps=3, reference_calculator=EMT)
+    unrelaxed = out["unrelaxed"]
+    assert unrelaxed["is2rs"]["adwt"] == 1.0 and unrelaxed["is2rs"]["adwt_adsorbate"] == 1.0
+    assert unrelaxed["is2rs"]["mean_distance"] == 0.0
+    assert unrelaxed["is2rs"]["num_structures"] == 2 and unrelaxed["is2rs"]["num_adsorbate_structures"] == 2
+    assert unrelaxed["is2re"]["energy_mae"] == pytest.approx(0.5) and unrelaxed["is2re"]["ewt"] == 0.0
+    assert unrelaxed["is2re"]["energy_source"] == "model" and unrelaxed["is2re"]["num_structures"] == 2
+    assert unrelaxed["is2rs"]["num_afbt_structures"] == 2 and 0 <= unrelaxed["is2rs"]["afbt"] <= 1
+    # the model row is the relaxed structures': they moved off the targets, and ran downhill
+    assert out["is2rs"]["mean_distance"] > 0 and out["is2rs"]["num_adsorbate_structures"] == 2
+    for record in out["relaxations"]:
+        assert record["energy"] < record["initial_energy"] and record["initial_mean_distance"] == 0.0
+
+
+def test_unrelaxed_is2re_uses_the_models_initial_energy_not_the_reference() -> None:
+    """With a model (here EMT shifted by +1 eV) the unrelaxed IS2RE error is the model's energy at
+    the initial positions minus the target, whatever reference energy the frame carries."""
+    atoms = tagged_slab()
+    atoms.arrays["relaxed_positions"] = atoms.positions.copy()
+    probe = atoms.copy()
+    probe.calc = EMT()
+    emt_energy = probe.get_potential_energy()
+    atoms.info["relaxed_energy"] = emt_energy
+    atoms.calc = SinglePointCalculator(atoms, energy=emt_energy - 7.0)  # a stored reference: not used
+
+    class Shifted(EMT):
+        def calculate(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            super().calculate(*args, **kwargs)
+            self.results["energy"] += 1.0
+            self.results["free_energy"] += 1.0
+
+    out = evaluate_relaxations(Shifted(), [atoms], steps=0)
+    assert out["unrelaxed"]["is2re"]["energy_mae"] == pytest.approx(1.0)
+    assert out["relaxations"][0]["initial_energy"] == pytest.approx(emt_energy + 1.0)
+    assert "afbt" not in out["unrelaxed"]["is2rs"]  # no reference calculator
+
+
+def test_adsorbate_adwt_ignores_displaced_slab_atoms() -> None:
+    """Free slab atoms 0.3 A off their targets, the adsorbate on its target: ADwT over all free
+    atoms is below 1, ADwT over the adsorbate (tag 2) alone is 1. Slabs without tag-2 atoms are
+    left out of the adsorbate metric (NaN when none has one)."""
+    atoms = tagged_slab()
+    target = atoms.positions.copy()
+    target[4:8, 0] += 0.3  # surface atoms (tag 1, free) displaced, O (tag 2) in place
+    atoms.arrays["relaxed_positions"] = target
+    bare = tagged_slab()[:8]  # no adsorbate
+    bare.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
+    bare.arrays["relaxed_positions"] = bare.positions.copy()
+    bare.arrays["relaxed_positions"][4:8, 0] += 0.3
+    # steps=0: the "relaxed" structure is the initial one, so model and unrelaxed rows agree
+    out = evaluate_relaxations(EMT(), [atoms, bare], steps=0)
+    for group in (out["is2rs"], out["unrelaxed"]["is2rs"]):
+        assert group["adwt_adsorbate"] == 1.0 and group["num_adsorbate_structures"] == 1
+        assert group["adwt"] < 0.5 and group["num_structures"] == 2
+    assert math.isnan(evaluate_relaxations(EMT(), [bare], steps=0)["is2rs"]["adwt_adsorbate"])
+    assert evaluate_relaxations(EMT(), [bare], steps=0)["is2rs"]["num_adsorbate_structures"] == 0
+
+
+def test_the_unrelaxed_baseline_covers_the_structures_the_model_row_covers() -> None:
+    """A failing relaxation leaves both rows; a reference failure at the initial positions only
+    leaves the unrelaxed AFbT."""
+    good, unknown = tagged_slab(), tagged_slab()
+    unknown.set_chemical_symbols(["Cu"] * 8 + ["U"])
+    for atoms in (good, unknown):
+        atoms.arrays["relaxed_positions"] = atoms.positions.copy()
+        atoms.info["relaxed_energy"] = 0.0
+    initial = good.positions.copy()
+
+    class RefusesTheInitialPositions(EMT):
+        def calculate(self, atoms=None, *args, **kwargs):  # noqa: ANN002, ANN003
+            if np.allclose(atoms.positions, initial):
+                raise RuntimeError("cannot evaluate the initial positions")
+            super().calculate(atoms, *args, **kwargs)
+
+    out = evaluate_relaxations(EMT(), [good, unknown, good], steps=2, reference_calculator=RefusesTheInitialPositions)
+    assert out["num_failed"] == 1 and out["num_reference_failed"] == 0
+    assert out["unrelaxed"]["is2re"]["num_structures"] == out["is2re"]["num_structures"] == 2
+    assert out["unrelaxed"]["is2rs"]["num_structures"] == out["is2rs"]["num_structures"] == 2
+    assert out["is2rs"]["num_afbt_structures"] == 2 and "afbt" not in out["unrelaxed"]["is2rs"]
+    assert "RuntimeError" in out["relaxations"][0]["initial_reference_error"]

@@ -375,3 +375,14 @@ def test_bf16_mixed_precision_training_on_cpu(config_for) -> None:  # noqa: ANN0
     summary = trainer.train()
     assert summary["steps"] == 4 and math.isfinite(summary["final_val"]["force_mae"])
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_new_models_get_the_zbl_prior_unless_the_config_says_otherwise(config_for) -> None:
+    from spherical_channels.training.config import TrainConfig
+
+    with Trainer(config_for("default")) as trainer:
+        assert trainer.model.config.zbl is True
+    off = config_for("off").to_dict()
+    off["model"]["zbl"] = False
+    with Trainer(TrainConfig.from_dict(off)) as trainer:
+        assert trainer.model.config.zbl is False

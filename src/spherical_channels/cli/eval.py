@@ -27,8 +27,15 @@ _COLUMNS = [
     ("is2re_mae", "IS2RE MAE", "{:.4f}"),
     ("ewt", "EwT", "{:.3f}"),
     ("adwt", "ADwT", "{:.3f}"),
+    ("adwt_adsorbate", "ADwT ads", "{:.3f}"),
     ("afbt", "AFbT", "{:.3f}"),
 ]
+
+#: The label of the unrelaxed-baseline row, and the note that explains it under the table.
+UNRELAXED_LABEL = "  unrelaxed"
+UNRELAXED_NOTE = ("unrelaxed: the initial structures as the prediction, to show what relaxing gained (IS2RE: the "
+                  "model's energy at the initial positions; ADwT: initial vs relaxed positions; AFbT: reference "
+                  "forces at the initial positions)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate CHECKPOINT on DATA: S2EF files give energy MAE, force MAE and cosine on free "
             "atoms, and EFwT; files of initial structures with relaxed targets (relaxed_energy, "
             "relaxed_positions) are relaxed with the model and give IS2RE (MAE, EwT) and IS2RS "
-            "(ADwT; AFbT when a reference calculator is known, as for the built-in EMT data). A "
+            "(ADwT, also over the adsorbate atoms only (tag 2); AFbT when a reference calculator is "
+            "known, as for the built-in EMT data), next to an 'unrelaxed' row: the same metrics of the "
+            "initial structures, with the model's energy at the initial positions as the IS2RE "
+            "prediction, to show whether relaxing helped. A "
             "directory written by 'scn data generate' is evaluated split by split. Each metric "
             "covers the structures that have what it needs (energy metrics: a reference energy; force "
             "metrics: reference forces; EFwT: both), and the report says how many that was; metrics "
@@ -191,24 +201,45 @@ def flatten(row: dict) -> dict[str, float]:
     relax = row.get("relax", {})
     if "is2re" in relax:
         flat["is2re_mae"], flat["ewt"] = relax["is2re"]["energy_mae"], relax["is2re"]["ewt"]
-    flat.update({k: v for k, v in relax.get("is2rs", {}).items() if k in ("adwt", "afbt")})
+    flat.update({k: v for k, v in relax.get("is2rs", {}).items() if k in ("adwt", "adwt_adsorbate", "afbt")})
     if "num_structures" not in flat and "num_structures" in relax:
         flat["num_structures"] = relax["num_structures"]
     return flat
 
 
+def flatten_unrelaxed(row: dict) -> dict[str, float]:
+    """One split's unrelaxed baseline (the initial structures as the prediction) as the table's
+    columns; empty when the split was not relaxed. ``N`` is the structures it covers."""
+    unrelaxed = row.get("relax", {}).get("unrelaxed") or {}
+    flat: dict[str, float] = {}
+    if "is2re" in unrelaxed:
+        flat["is2re_mae"], flat["ewt"] = unrelaxed["is2re"]["energy_mae"], unrelaxed["is2re"]["ewt"]
+    flat.update({k: v for k, v in unrelaxed.get("is2rs", {}).items() if k in ("adwt", "adwt_adsorbate", "afbt")})
+    counts = [group["num_structures"] for group in unrelaxed.values() if isinstance(group, dict) and "num_structures" in group]
+    if counts:
+        flat["num_structures"] = max(counts)
+    return flat
+
+
 def format_table(rows: dict[str, dict]) -> str:
-    """A fixed-width table: one row per split (and its baseline, if computed)."""
+    """A fixed-width table: one row per split, followed by its S2EF baseline (if computed) and,
+    for relaxed splits, its unrelaxed baseline (:func:`flatten_unrelaxed`, explained by a note
+    under the table)."""
     header = f"{'split':<16}" + "".join(f"{title:>12}" for _, title, _ in _COLUMNS)
     lines = [header, "-" * len(header)]
+    unrelaxed_shown = False
     for name, row in rows.items():
-        for label, values in ((name, flatten(row)), (f"  baseline", row.get("baseline"))):
+        for label, values in ((name, flatten(row)), ("  baseline", row.get("baseline")),
+                              (UNRELAXED_LABEL, flatten_unrelaxed(row))):
             if not values:
                 continue
+            unrelaxed_shown |= label == UNRELAXED_LABEL
             cells = []
             for key, _, fmt in _COLUMNS:
                 value = values.get(key)
                 defined = isinstance(value, (int, float)) and math.isfinite(value)
                 cells.append(f"{fmt.format(value):>12}" if defined else f"{'-':>12}")
             lines.append(f"{label:<16}" + "".join(cells))
+    if unrelaxed_shown:
+        lines.append(UNRELAXED_NOTE)
     return "\n".join(lines)

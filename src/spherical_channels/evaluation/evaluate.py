@@ -154,10 +154,24 @@ def evaluate_relaxations(
     out of AFbT only (its record holds ``"reference_error"``). Each metric group says how many
     structures it covers (``num_structures``; ``num_afbt_structures`` for AFbT).
 
-    Returns ``{"is2re": {"energy_mae", "ewt", "num_structures"}, "is2rs": {"adwt", "afbt"?,
-    "num_afbt_structures"?, "mean_distance", "num_structures"}, "converged_fraction", "mean_steps", "num_structures",
-    "num_relaxed", "num_failed", "num_reference_failed", "relaxations": [...]}``; ``converged_fraction`` and
-    ``mean_steps`` are over the relaxed structures (NaN when none was).
+    Returns ``{"is2re": {"energy_mae", "ewt", "num_structures"}, "is2rs": {"adwt", "adwt_adsorbate",
+    "num_adsorbate_structures", "afbt"?, "num_afbt_structures"?, "mean_distance", "num_structures"},
+    "unrelaxed": {...}, "converged_fraction", "mean_steps", "num_structures", "num_relaxed", "num_failed",
+    "num_reference_failed", "relaxations": [...]}``; ``converged_fraction`` and ``mean_steps`` are over the
+    relaxed structures (NaN when none was).
+
+    ``adwt_adsorbate`` is ADwT over the adsorbate atoms only (free atoms with tag 2, the OC20
+    convention: 0 subsurface, 1 surface, 2 adsorbate), over the ``num_adsorbate_structures``
+    structures that have such atoms (NaN when none has).
+
+    ``unrelaxed`` is the do-nothing baseline over the same relaxed structures, so a report shows
+    whether relaxing helped: the initial structures taken as the prediction. Its ``"is2re"``
+    (``energy_mae``, ``ewt``, ``num_structures``, ``energy_source``: ``"model"``) predicts the
+    relaxed energy by the model's energy at the initial positions; its ``"is2rs"`` (``adwt``,
+    ``adwt_adsorbate``, ``num_adsorbate_structures``, ``mean_distance``, ``num_structures``, and
+    ``afbt`` / ``num_afbt_structures`` with ``reference_calculator``: the true forces at the
+    initial positions) compares the initial positions with the relaxed targets. Each group is
+    present when the model's group is.
     """
     if max_structures is not None and max_structures < 1:
         raise ValueError(f"max_structures must be >= 1, got {max_structures}")
@@ -168,6 +182,8 @@ def evaluate_relaxations(
 
         items = tqdm(items, desc="relax", unit="structure", leave=False)
     energies, targets, distances, true_forces, records = [], [], [], [], []
+    initial_energies, initial_distances, initial_forces = [], [], []
+    adsorbate_distances, initial_adsorbate_distances = [], []
     for index in items:
         trajectory = f"{trajectory_dir}/{index:05d}.traj" if trajectory_dir else None
         try:
@@ -183,10 +199,17 @@ def evaluate_relaxations(
         if "relaxed_energy" in record:
             energies.append(record["energy"])
             targets.append(record["relaxed_energy"])
+            initial_energies.append(record["initial_energy"])
         if "mean_distance" in record:
             distances.append(record["mean_distance"])
+            initial_distances.append(record["initial_mean_distance"])
+            if "adsorbate_mean_distance" in record:
+                adsorbate_distances.append(record["adsorbate_mean_distance"])
+                initial_adsorbate_distances.append(record["initial_adsorbate_mean_distance"])
             if "true_max_force" in record:
                 true_forces.append(record["true_max_force"])
+            if "initial_true_max_force" in record:
+                initial_forces.append(record["initial_true_max_force"])
     relaxed = [r for r in records if "error" not in r]
     out: dict[str, Any] = {
         "num_structures": count,
@@ -197,16 +220,34 @@ def evaluate_relaxations(
         "mean_steps": float(np.mean([r["steps"] for r in relaxed])) if relaxed else float("nan"),
         "relaxations": records,
     }
+    unrelaxed: dict[str, Any] = {}
     if energies:
         out["is2re"] = {**relaxed_energy_metrics(energies, targets), "num_structures": len(energies)}
+        unrelaxed["is2re"] = {**relaxed_energy_metrics(initial_energies, targets), "num_structures": len(energies),
+                              "energy_source": "model"}
     if distances:
-        out["is2rs"] = {"adwt": average_distance_within_threshold(distances), "mean_distance": float(np.mean(distances)),
-                        "num_structures": len(distances)}
-        if true_forces:
-            # AFbT over the structures with an IS2RS target whose true forces are known
-            out["is2rs"]["afbt"] = average_force_below_threshold(true_forces)
-            out["is2rs"]["num_afbt_structures"] = len(true_forces)
+        out["is2rs"] = _is2rs_metrics(distances, adsorbate_distances, true_forces)
+        unrelaxed["is2rs"] = _is2rs_metrics(initial_distances, initial_adsorbate_distances, initial_forces)
+    if unrelaxed:
+        out["unrelaxed"] = unrelaxed
     return out
+
+
+def _is2rs_metrics(distances: list[float], adsorbate: list[float], true_forces: list[float]) -> dict[str, Any]:
+    """ADwT (all free atoms, and adsorbate atoms only), mean distance, and AFbT when some
+    structure's true forces are known."""
+    metrics: dict[str, Any] = {
+        "adwt": average_distance_within_threshold(distances),
+        "adwt_adsorbate": average_distance_within_threshold(adsorbate),
+        "num_adsorbate_structures": len(adsorbate),
+        "mean_distance": float(np.mean(distances)),
+        "num_structures": len(distances),
+    }
+    if true_forces:
+        # AFbT over the structures with an IS2RS target whose true forces are known
+        metrics["afbt"] = average_force_below_threshold(true_forces)
+        metrics["num_afbt_structures"] = len(true_forces)
+    return metrics
 
 
 def _relax_one(
@@ -233,23 +274,47 @@ def _relax_one(
         relaxed_energy = float(atoms.info["relaxed_energy"])
         if not np.isfinite(relaxed_energy):
             raise ValueError(f"non-finite relaxed_energy {atoms.info['relaxed_energy']!r}")
+    # the model's energy at the initial positions (the unrelaxed IS2RE baseline); the optimiser's
+    # first evaluation at the same positions then comes from the calculator's cache
+    start = atoms.copy()
+    start.calc = calculator
+    initial_energy = float(start.get_potential_energy())
+    if not np.isfinite(initial_energy):
+        raise ValueError("the calculator returned a non-finite energy at the initial structure")
     result = relax(atoms, calculator, optimizer=optimizer, fmax=fmax, steps=steps, trajectory=trajectory)
     record: dict[str, Any] = {"index": index, "converged": result.converged, "steps": result.steps,
-                              "energy": result.energy}
+                              "energy": result.energy, "initial_energy": initial_energy}
     if relaxed_energy is not None:
         record["relaxed_energy"] = relaxed_energy
     if reference_positions is not None:
         free = ~_fixed_mask(atoms)
-        d = minimum_image_distances(result.atoms.positions[free], reference_positions[free], atoms.cell.array, atoms.pbc)
-        record["mean_distance"] = float(d.mean()) if d.size else 0.0
+        adsorbate = free & (atoms.get_tags() == 2)
+        for prefix, positions in (("", result.atoms.positions), ("initial_", atoms.positions)):
+            record[f"{prefix}mean_distance"] = _mean_distance(positions, reference_positions, free, atoms)
+            if adsorbate.any():
+                record[f"{prefix}adsorbate_mean_distance"] = _mean_distance(positions, reference_positions, adsorbate,
+                                                                            atoms)
     if reference_calculator is not None:
-        probe = result.atoms.copy()
+        # one reference calculator per structure, for the relaxed and the initial positions
         try:
-            probe.calc = reference_calculator()
-            record["true_max_force"] = max_free_force(probe)
+            reference = reference_calculator()
         except Exception as err:  # noqa: BLE001 - e.g. EMT lacks an element: keep the relaxation
-            record["reference_error"] = f"{type(err).__name__}: {err}"
+            record["reference_error"] = record["initial_reference_error"] = f"{type(err).__name__}: {err}"
+        else:
+            for prefix, structure in (("", result.atoms), ("initial_", atoms)):
+                probe = structure.copy()
+                try:
+                    probe.calc = reference
+                    record[f"{prefix}true_max_force"] = max_free_force(probe)
+                except Exception as err:  # noqa: BLE001 - e.g. EMT lacks an element: keep the relaxation
+                    record[f"{prefix}reference_error"] = f"{type(err).__name__}: {err}"
     return record
+
+
+def _mean_distance(positions: np.ndarray, reference: np.ndarray, mask: np.ndarray, atoms: Atoms) -> float:
+    """Mean minimum-image distance of the ``mask`` atoms to the reference (0 for none)."""
+    d = minimum_image_distances(positions[mask], reference[mask], atoms.cell.array, atoms.pbc)
+    return float(d.mean()) if d.size else 0.0
 
 
 def _fixed_mask(atoms: Atoms) -> np.ndarray:

@@ -14,7 +14,8 @@ forces, or both for EFwT), and the counts say how many that was.
 
 IS2RS: ``adwt``, the mean over thresholds 0.01, 0.011, ..., 0.499 A of the fraction of
 structures whose mean free-atom distance to the reference relaxed positions (minimum image
-under the cell) is below the threshold; ``afbt``, the mean over force thresholds 0.01, ...,
+under the cell) is below the threshold (``adwt_adsorbate``: the same over the adsorbate atoms
+only, tag 2 in the OC20 convention of 0 subsurface, 1 surface, 2 adsorbate); ``afbt``, the mean over force thresholds 0.01, ...,
 0.399 eV/A of the fraction of model-relaxed structures whose true (reference-calculator) max
 free-atom force is below it. IS2RE: ``energy_mae`` and ``ewt`` (|error| < 0.02 eV) of the
 relaxed energy.

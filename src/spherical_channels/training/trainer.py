@@ -48,7 +48,12 @@ from .run import RunDirectory, RunDirectoryError
 from .schedule import learning_rate
 from .state import TrainState
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "collate", "open_training_data"]
+#: Model options a newly trained model gets unless its configuration says otherwise (official
+#: checkpoints keep SCNConfig's defaults): the ZBL repulsion prior, which only acts at distances
+#: training data does not reach (well below bond lengths) and keeps atoms from collapsing there.
+NEW_MODEL_DEFAULTS = {"zbl": True}
+
+__all__ = ["NEW_MODEL_DEFAULTS", "Trainer", "TrainingDiverged", "TrainingInterrupted", "collate", "open_training_data"]
 
 # A force scale below this (eV/A) means the data has no forces to speak of: use 1.
 _MIN_FORCE_SCALE = 1e-6
@@ -127,7 +132,10 @@ class Trainer:
         config, optim = self.config, self.config.optim
         checkpoint = read_checkpoint(self.run.last_checkpoint) if resume else None
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        self.model = SCN(SCNConfig.from_official(config.model)).to(device=self.device, dtype=self.dtype)
+        model_options = {**NEW_MODEL_DEFAULTS, **config.model}
+        if checkpoint is not None and "zbl" not in checkpoint.get("model_config", {}):
+            model_options = dict(config.model)  # a run begun before the prior existed: without it
+        self.model = SCN(SCNConfig.from_official(model_options)).to(device=self.device, dtype=self.dtype)
         model_config = self.model.config
         max_z = model_config.max_num_elements - 1
         self.train_data = open_training_data(config.train, max_z, trust_pickle=self.trust_pickle)
