@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .common import write_json
+
 __all__ = ["add_parser", "DEMO_MODEL", "demo_config"]
 
 #: The demo's model: every SCN ingredient (two resolutions, 4 taps, 2 bands, the 1x1 grid),
@@ -133,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
     report = _report(results, summary, timings, out)
     (out / "report.txt").write_text(report)
-    (out / "report.json").write_text(json.dumps({"results": results, "training": summary, "timings": timings}, indent=2))
+    write_json(out / "report.json", {"results": results, "training": summary, "timings": timings}, indent=2)
     print(report)
     return 0
 
@@ -233,9 +235,9 @@ def _report(results: dict[str, Any], summary: dict[str, Any], timings: dict[str,
                      "(per-element energies, zero forces)")
     lines.append(f"training: {summary.get('steps', '?')} steps, best validation force MAE "
                  f"{summary.get('best', {}).get('force_mae', float('nan')):.4f} eV/A at step {summary.get('best', {}).get('step', '?')}")
-    lines.append(f"relaxation rows: IS2RE energy MAE / EwT against EMT relaxed energies, ADwT (ADwT ads: adsorbate "
-                 f"atoms only) against EMT relaxed structures, AFbT from EMT forces at the model-relaxed structures; "
-                 f"the 'unrelaxed' rows score the initial structures the same way")
+    lines.append("relaxation rows: IS2RE energy MAE / EwT against EMT relaxed energies, ADwT (ADwT ads: adsorbate "
+                 "atoms only) against EMT relaxed structures, AFbT from EMT forces at the model-relaxed structures; "
+                 "the 'unrelaxed' rows score the initial structures the same way")
     gains = [(r["relax"]["unrelaxed"]["is2rs"]["adwt"], r["relax"]["is2rs"]["adwt"])
              for r in results.values() if "is2rs" in r.get("relax", {}) and "is2rs" in r["relax"].get("unrelaxed", {})]
     if gains:
