@@ -171,3 +171,29 @@ def test_smooth_variant_is_permutation_invariant_with_equidistant_neighbours(kin
         scale_f = float(a["forces"].abs().max()) + 1.0
         assert float((a["energy"] - b["energy"]).abs().max()) <= 1e-10 * scale_e
         assert float((a["forces"][order] - b["forces"]).abs().max()) <= 1e-10 * scale_f
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(mmax=0), dict(mmax=2), dict(num_taps=1), dict(use_grid=False), dict(num_bands=1), dict(num_resolutions=1),
+     dict(edge_rotation=False)],
+    ids=["m0", "m2", "one_tap", "no_grid", "one_band", "one_resolution", "no_rotation"],
+)
+def test_every_scn_ingredient_works_in_the_smooth_variant(changes: dict) -> None:
+    """Forces are -dE/dx (central differences) and atom order does not matter, whatever the
+    ablation."""
+    model = tiny_model(smooth=True, zbl=True, direct_forces=False, **changes)
+    slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 1.2, "bridge")
+    out = model(batch_of([slab]))
+    h, index = 1e-5, len(slab) - 1
+    energies = []
+    for sign in (1.0, -1.0):
+        moved = slab.copy()
+        moved.positions[index, 2] += sign * h
+        energies.append(float(model(batch_of([moved]))["energy"]))
+    numerical = -(energies[0] - energies[1]) / (2 * h)
+    assert abs(numerical - float(out["forces"][index, 2])) <= 1e-6 * (1.0 + float(out["forces"].abs().max()))
+    order = np.random.default_rng(0).permutation(len(slab))
+    permuted = model(batch_of([slab[order]]))
+    assert abs(float(permuted["energy"] - out["energy"])) <= 1e-10 * abs(float(out["energy"]))
