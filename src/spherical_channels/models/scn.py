@@ -258,11 +258,7 @@ class SCN(nn.Module):
         resolution = torch.zeros_like(rank)
         for boundary in self.rank_boundaries:
             resolution += (rank >= boundary).long()
-        # Group edges by resolution, keeping their order within a group.
-        order = torch.argsort(resolution, stable=True)
-        counts = torch.bincount(resolution, minlength=len(self.lmax_list)).tolist()
-        starts = list(itertools.accumulate(counts, initial=0))
-        slices = [slice(starts[i], starts[i + 1]) for i in range(len(counts))]
+        order, slices = self._group_by_resolution(resolution)
         vectors = vectors[order]
         roll = self.current_roll if self.edge_rotation else "none"
         return EdgeData(
@@ -275,6 +271,14 @@ class SCN(nn.Module):
             resolution_slices=slices,
         )
 
+    def _group_by_resolution(self, resolution: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
+        """The order ``[E]`` that groups edges by ``resolution [E]`` (stable within a group) and
+        each group's slice of the reordered edges."""
+        order = torch.argsort(resolution, stable=True)
+        counts = torch.bincount(resolution, minlength=len(self.lmax_list)).tolist()
+        starts = list(itertools.accumulate(counts, initial=0))
+        return order, [slice(starts[i], starts[i + 1]) for i in range(len(counts))]
+
     def _smooth_edges(
         self, edge_index: torch.Tensor, cell_offsets: torch.Tensor, vectors: torch.Tensor, distance: torch.Tensor
     ) -> EdgeData:
@@ -285,10 +289,8 @@ class SCN(nn.Module):
             resolution_distance=self.resolution_distance, resolution_band=self.resolution_band,
             reference_a=reference_a(vectors),
         )
-        order = torch.argsort(copies.resolution, stable=True)
-        edge, resolution = copies.edge[order], copies.resolution[order]
-        counts = torch.bincount(resolution, minlength=len(self.lmax_list)).tolist()
-        starts = list(itertools.accumulate(counts, initial=0))
+        order, slices = self._group_by_resolution(copies.resolution)
+        edge = copies.edge[order]
         copy_vectors = vectors[edge]
         roll = self.current_roll if self.edge_rotation else "none"
         return EdgeData(
@@ -298,7 +300,7 @@ class SCN(nn.Module):
             distance=distance[edge],
             rank=torch.zeros_like(edge),
             frames=edge_frames(copy_vectors, roll, use_b=copies.use_b[order]),
-            resolution_slices=[slice(starts[i], starts[i + 1]) for i in range(len(counts))],
+            resolution_slices=slices,
             weight=copies.weight[order],
             pairs=(edge_index, vectors, distance),
         )
