@@ -386,3 +386,18 @@ def test_new_models_get_the_zbl_prior_unless_the_config_says_otherwise(config_fo
     off["model"]["zbl"] = False
     with Trainer(TrainConfig.from_dict(off)) as trainer:
         assert trainer.model.config.zbl is False
+
+
+def test_a_smooth_model_trains_on_its_own_uncapped_graph(config_for) -> None:
+    """The DataLoader workers build the graph the model itself builds: for the smooth variant,
+    every pair within the cutoff (no cap)."""
+    from spherical_channels.training.config import TrainConfig
+
+    raw = config_for("smooth").to_dict()
+    raw["model"].update(smooth=True, max_num_neighbors=4, cutoff=5.0)
+    with Trainer(TrainConfig.from_dict(raw)) as trainer:
+        items = [(i, trainer.train_data[i]) for i in range(3)]
+        batch = trainer.collate(items)
+        own = trainer.model.build_graph(batch.batch)
+        assert torch.equal(batch.graph.edge_index, own.edge_index)
+        assert int(torch.bincount(own.edge_index[1]).max()) > 4  # the cap was not applied

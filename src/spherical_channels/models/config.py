@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-__all__ = ["ConfigError", "SCNConfig", "RUNTIME_OPTIONS"]
+__all__ = ["ConfigError", "SCNConfig", "RUNTIME_OPTIONS", "UNCAPPED"]
 
 Roll = Literal["random", "fixed"]
 DistanceFunction = Literal["gaussian", "sigmoid", "linearsigmoid", "silu"]
@@ -28,6 +28,9 @@ _OFFICIAL_DATA_ARGUMENTS = ("num_atoms", "bond_feat_dim", "num_targets")
 #: Options that change how a model is evaluated but not its parameters; a built model may change
 #: them with ``model.update_config(...)``.
 RUNTIME_OPTIONS = frozenset({"roll", "eval_roll", "show_timing_info"})
+
+#: The smooth variant's neighbour "cap": none (every pair within the cutoff).
+UNCAPPED = 2**62
 
 
 class ConfigError(ValueError):
@@ -154,6 +157,12 @@ class SCNConfig:
                 f"hidden_channels must be >= 4 with two resolutions (the second has a quarter), "
                 f"got {self.hidden_channels}",
             )
+
+    @property
+    def neighbor_cap(self) -> int:
+        """The neighbour cap the radius graph uses: ``max_num_neighbors``, or none (a bound no
+        structure reaches) for the smooth variant."""
+        return UNCAPPED if self.smooth else self.max_num_neighbors
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:

@@ -35,9 +35,6 @@ __all__ = ["SCN", "SCNConfig", "EdgeData", "NEAR_NEIGHBOR_RANKS"]
 #: Neighbours of rank 0..11 use the full resolution; ranks 12.. the reduced one (paper B.1).
 NEAR_NEIGHBOR_RANKS = 12
 
-#: The neighbour "cap" of the smooth variant: none (every pair within the cutoff).
-UNCAPPED = 2**62
-
 
 @dataclass
 class EdgeData:
@@ -223,8 +220,7 @@ class SCN(nn.Module):
     def build_graph(self, batch: AtomicBatch) -> Graph:
         """The radius graph this model uses (cutoff, neighbour cap and tie rule of its config);
         build it ahead (e.g. in DataLoader workers) and pass it to ``forward(batch, graph)``."""
-        cap = UNCAPPED if self.smooth else self.max_num_neighbors
-        return build_graph(batch, self.cutoff, cap, ties=self.neighbor_ties)
+        return build_graph(batch, self.cutoff, self.config.neighbor_cap, ties=self.neighbor_ties)
 
     def edge_data(
         self,

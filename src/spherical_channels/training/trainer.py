@@ -144,7 +144,7 @@ class Trainer:
         self.statistics = self._statistics(checkpoint)
         self._apply_statistics()
         self.collate = GraphCollate(
-            self.dtype, model_config.cutoff, model_config.max_num_neighbors, config.train.path,
+            self.dtype, model_config.cutoff, model_config.neighbor_cap, config.train.path,
             ties=model_config.neighbor_ties,
         )
 
