@@ -8,8 +8,6 @@ import pytest
 import torch
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``scn data generate --size tiny`` output (a few seconds; EMT-labelled, OC20 splits)."""

@@ -101,7 +101,8 @@ def smooth_edge_copies(
     keep_a, keep_b = c < high, c > low
     copy = torch.arange(edge.shape[0], device=edge.device)
     which = torch.cat([copy[keep_a], copy[keep_b]])
-    use_b = torch.cat([torch.zeros_like(keep_a[keep_a]), torch.ones_like(keep_b[keep_b])])
+    num_a, num_b = int(keep_a.sum()), int(keep_b.sum())
+    use_b = torch.cat([keep_a.new_zeros(num_a), keep_b.new_ones(num_b)])
     frame_weight = torch.cat([(1.0 - to_b)[keep_a], to_b[keep_b]])
     edge = edge[which]
     return EdgeCopies(
