@@ -123,6 +123,10 @@ def main(argv=None) -> int:
                     help="edge-frame roll rule in training mode (eval mode always uses 'fixed')")
     ap.add_argument("--skip", choices=["none", "forward", "train"], default="none",
                     help="skip one of the timed phases (default: time everything)")
+    ap.add_argument("--force-modes", action="store_true",
+                    help="also time the training step of the config's direct-force and energy-conserving "
+                         "(direct_forces false) variants side by side, alternating step by step on the same "
+                         "batches, and report conservative / direct")
     args = ap.parse_args(argv)
 
     import torch
@@ -225,6 +229,11 @@ def main(argv=None) -> int:
         t_ts = timed(train_step, args.steps, args.warmup)
         rss_train = rss_mb()
 
+    # ---------------------------------------------------------------- direct vs conservative
+    force_modes = None
+    if args.force_modes:
+        force_modes = _force_modes(cfg, args, batches, summ, dtype)
+
     t_end = time.time()
     g = summ(g_ts)
     res = {
@@ -260,6 +269,8 @@ def main(argv=None) -> int:
                 "by_median": g["sum_per_batch_median_s"] / r["sum_per_batch_median_s"],
             }
     res["graph_share"] = share
+    if force_modes is not None:
+        res["force_modes"] = force_modes
     if last_loss is not None:
         res["last_train_loss"] = last_loss
 
@@ -277,8 +288,57 @@ def main(argv=None) -> int:
     print(f"peak RSS: {peak:.0f} MB (before timing {rss0:.0f} MB, after forward "
           f"{rss_fwd if rss_fwd is None else round(rss_fwd)} MB); params {nparam}; threads {res['threads']}; "
           f"loadavg(1min) {load_before[0]:.2f} -> {res['loadavg_1min']['after']:.2f}")
+    if force_modes is not None:
+        r = force_modes["conservative_over_direct"]
+        print(f"training step, energy-conserving / direct forces: {r['by_min']:.2f}x (by min), "
+              f"{r['by_median']:.2f}x (by median)")
     print(json.dumps(res))
     return 0
+
+
+def _loss(out, e_t, f_t):
+    import torch
+
+    return 2.0 * torch.mean(torch.abs(out["energy"] - e_t)) + 100.0 * torch.mean(
+        torch.linalg.vector_norm(out["forces"] - f_t, dim=-1)
+    )
+
+
+def _force_modes(cfg, args, batches, summ, dtype) -> dict:
+    """Training steps of the direct-force and the energy-conserving variant of ``cfg``, one
+    after the other on each batch (so that load changes hit both alike)."""
+    import torch
+
+    from spherical_channels.models import SCN
+
+    variants = {}
+    for name, direct in (("direct", True), ("conservative", False)):
+        torch.manual_seed(args.seed)
+        model = SCN(**{**cfg, "direct_forces": direct}, roll=args.roll, eval_roll="fixed").to(dtype).train()
+        variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=4e-4, amsgrad=True))
+
+    def step(name, b):
+        model, opt = variants[name]
+        batch, e_t, f_t = b
+        opt.zero_grad(set_to_none=True)
+        _loss(model(batch), e_t, f_t).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        opt.step()
+
+    nb = len(batches)
+    times = {name: [] for name in variants}
+    for s in range(args.warmup + args.steps):
+        for name in variants:
+            t = time.perf_counter()
+            step(name, batches[s % nb])
+            if s >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    out = {name: summ(ts) for name, ts in times.items()}
+    out["conservative_over_direct"] = {
+        "by_min": out["conservative"]["sum_per_batch_min_s"] / out["direct"]["sum_per_batch_min_s"],
+        "by_median": out["conservative"]["sum_per_batch_median_s"] / out["direct"]["sum_per_batch_median_s"],
+    }
+    return out
 
 
 if __name__ == "__main__":

@@ -1,12 +1,30 @@
-"""The hand-written autograd functions equal the PyTorch chains they replace, to second order."""
+"""The hand-written autograd functions equal the PyTorch chains they replace, to second order,
+on both paths: the memory-lean one and the one built to be differentiated twice."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from torch.utils.flop_counter import FlopCounterMode
 
-from spherical_channels.models.ops import rotate_scatter, rotated_linears, sample_silu_linear, silu_linear
+from spherical_channels.models.ops import (
+    differentiated_twice,
+    rotate_scatter,
+    rotated_linears,
+    sample_silu_linear,
+    silu,
+    silu_linear,
+)
+
+
+@pytest.fixture(autouse=True, params=["lean", "twice"])
+def path(request: pytest.FixtureRequest):
+    """Every test here runs on both paths of the operations."""
+    with differentiated_twice() if request.param == "twice" else contextlib.nullcontext():
+        yield request.param
 
 
 def _data(seed: int = 0):
@@ -106,3 +124,40 @@ def test_sample_silu_linear_matches_reference() -> None:
 
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
+
+
+def test_silu_has_fused_derivatives_to_third_order(path: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = (3 * torch.randn(40, generator=g, dtype=torch.float64)).requires_grad_()
+    torch.testing.assert_close(silu(x), torch.nn.functional.silu(x), atol=1e-15, rtol=0)
+    assert gradcheck(silu, (x,))
+    assert gradgradcheck(silu, (x,))
+    derivatives = []
+    for fn in (silu, torch.nn.functional.silu):
+        (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), x, create_graph=True)
+        (d3,) = torch.autograd.grad(d2.sum(), x)
+        derivatives.append((d1, d2, d3))
+    for ours, torchs in zip(*derivatives):
+        torch.testing.assert_close(ours, torchs, atol=1e-13, rtol=0)
+
+
+def test_position_gradients_alone_skip_the_parameter_products(path: str) -> None:
+    """``autograd.grad(E, x)`` (an energy-conserving model's forces) computes no weight
+    gradients: fewer FLOPs than asking for the weights too, and the same gradient (on the
+    twice-differentiated path PyTorch's own formulas prune them)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(50, 5, 16, generator=g, requires_grad=True)
+    weight = torch.randn(32, 16, generator=g, requires_grad=True)
+    scale = torch.randn(5, 16, generator=g)
+
+    def grads(inputs):
+        out = silu_linear(x, weight, None, scale, output_silu=True).sum()
+        with FlopCounterMode(display=False) as counter:
+            result = torch.autograd.grad(out, inputs)
+        return result[0], counter.get_total_flops()
+
+    grad_x_alone, flops_alone = grads([x])
+    grad_x_both, flops_both = grads([x, weight])
+    torch.testing.assert_close(grad_x_alone, grad_x_both, atol=0, rtol=0)
+    assert flops_alone < flops_both

@@ -112,3 +112,34 @@ def test_eval_outputs_carry_no_graph_but_training_outputs_do() -> None:
     model.train()
     out = model(batch)
     assert out["energy"].requires_grad and out["forces"].requires_grad  # a force loss can train
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_force_training_gradients_equal_on_both_operation_paths(monkeypatch: pytest.MonkeyPatch, smooth: bool) -> None:
+    """Training on energy-conserving forces builds the graph with the plain chains
+    (``differentiated_twice``); the parameter gradients of a force loss are those of the
+    memory-lean path, to float64 round-off."""
+    import contextlib
+
+    import spherical_channels.models.response as response
+
+    torch.manual_seed(0)
+    model = scale_like_fixtures(SCN(**SMALL, direct_forces=False, smooth=smooth, zbl=smooth)).double().train()
+    slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+    slab.rattle(0.05, seed=3)
+    batch = AtomicBatch.from_atoms([slab, _strained_cu()], dtype=torch.float64)
+    target = torch.randn(batch.positions.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def gradients() -> list[torch.Tensor]:
+        torch.manual_seed(5)  # the same random edge-frame rolls (training mode) on both paths
+        model.zero_grad()
+        out = model(batch)
+        ((out["forces"] - target).norm(dim=1).mean() + out["energy"].sum()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    twice = gradients()
+    monkeypatch.setattr(response, "differentiated_twice", contextlib.nullcontext)
+    lean = gradients()
+    assert len(twice) == len(lean) > 10
+    for a, b in zip(twice, lean):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -13,12 +13,42 @@ Shapes: N atoms, E edges, K rows (kept coefficients), B = (L+1)^2 coefficients, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch.nn.functional import linear
 
-__all__ = ["no_autocast", "rotate_scatter", "rotated_linears", "sample_grid", "sample_silu_linear", "silu_linear"]
+__all__ = [
+    "differentiated_twice",
+    "no_autocast",
+    "rotate_scatter",
+    "rotated_linears",
+    "sample_grid",
+    "sample_silu_linear",
+    "silu",
+    "silu_linear",
+]
+
+_TWICE: contextvars.ContextVar[bool] = contextvars.ContextVar("differentiated_twice", default=False)
+
+
+@contextlib.contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Within this context the operations here are built for a graph that will be
+    differentiated twice (forces by ``create_graph``, then a loss on them).
+
+    The memory-lean functions recompute activations in backward; a second derivative would
+    then differentiate each recomputation as well, and their derivative formulas are chains of
+    small operations. Here the plain PyTorch chains are used instead (they keep their
+    activations, and PyTorch's own double-backward formulas are lean), with the SiLU's
+    derivatives fused (:func:`silu`). ``benchmarks/bench_model.py`` measures the difference."""
+    token = _TWICE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE.reset(token)
 
 
 def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -46,13 +76,96 @@ def no_autocast(reference: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
+def _wanted(ctx) -> tuple[bool, ...]:  # noqa: ANN001
+    """Which inputs' gradients this backward must compute.
+
+    ``ctx.needs_input_grad`` says which inputs require a gradient at all; when the engine was
+    asked for the gradients of some tensors only (``torch.autograd.grad(E, positions)``, the
+    forces of an energy-conserving model), the parameters' gradients are never used, and
+    computing them (and recording their graph under ``create_graph``) is a third of the work."""
+    if _will_execute is None:
+        return tuple(ctx.needs_input_grad)
+    # next_functions has one entry per tensor input (None is not one), in order
+    edges = iter(ctx.next_functions)
+    wanted = []
+    for need, is_tensor in zip(ctx.needs_input_grad, ctx.tensor_inputs):
+        node = next(edges)[0] if is_tensor else None
+        wanted.append(bool(need and node is not None and _engine_needs(node)))
+    return tuple(wanted)
+
+
+def _engine_needs(node) -> bool:  # noqa: ANN001
+    try:
+        return bool(_will_execute(node))
+    except RuntimeError:  # a leaf asked for by autograd.grad: PyTorch cannot tell, so compute it
+        return True
+
+
+def _remember_inputs(ctx, args: tuple) -> None:  # noqa: ANN001
+    """Record which ``forward`` arguments are tensors, for :func:`_wanted`."""
+    ctx.tensor_inputs = tuple(isinstance(a, torch.Tensor) for a in args)
+
+
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+class _SiLUGrad(torch.autograd.Function):
+    """``grad * silu'(x)`` with aten's fused kernel, differentiable once more (the force loss of
+    an energy-conserving model differentiates the backward pass): one node instead of the six
+    elementwise operations of the expression, none of whose intermediates are kept."""
+
+    @staticmethod
+    def forward(ctx, grad, x):  # noqa: ANN001, ANN205
+        _remember_inputs(ctx, (grad, x))
+        ctx.save_for_backward(grad, x)
+        return torch.ops.aten.silu_backward(grad, x)
+
+    @staticmethod
+    def backward(ctx, gg):  # noqa: ANN001, ANN205
+        grad, x = ctx.saved_tensors
+        need_grad, need_x = _wanted(ctx)
+        if torch.is_grad_enabled():  # third derivatives: the plain expression
+            s = torch.sigmoid(x)
+            d2 = s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+            return (_silu_backward(gg, x) if need_grad else None, gg * grad * d2 if need_x else None)
+        grad_grad = torch.ops.aten.silu_backward(gg, x) if need_grad else None
+        grad_x = None
+        if need_x:
+            # silu''(x) = s (1 - s) (2 + x - 2 x s): six passes over the tensor, two temporaries
+            s = torch.sigmoid(x)
+            u = torch.addcmul(x, x, s, value=-2.0).add_(2.0).mul_(gg).mul_(grad)
+            grad_x = torch.ops.aten.sigmoid_backward(u, s)
+        return grad_grad, grad_x
+
+
 def _silu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad * silu'(x)``. aten's fused kernel (one pass) when no graph is being recorded; it
-    has no derivative itself, so under ``create_graph`` the differentiable expression is used."""
+    """``grad * silu'(x)``: aten's fused kernel, through :class:`_SiLUGrad` when a graph is
+    being recorded (the kernel has no derivative of its own)."""
     if not torch.is_grad_enabled():
         return torch.ops.aten.silu_backward(grad, x)
-    s = torch.sigmoid(x)
-    return grad * (s * (1.0 + x * (1.0 - s)))
+    return _SiLUGrad.apply(grad, x)
+
+
+class _SiLU(torch.autograd.Function):
+    """SiLU whose derivative is :class:`_SiLUGrad` (fused, and differentiable once more)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return torch.nn.functional.silu(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return _silu_backward(grad, x)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(x)``; under :func:`differentiated_twice`, with fused first and second
+    derivatives (PyTorch's SiLU differentiates its derivative as six elementwise operations)."""
+    if _TWICE.get() and torch.is_grad_enabled():
+        return _SiLU.apply(x)
+    return torch.nn.functional.silu(x)
 
 
 def _gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,6 +194,7 @@ class _RotatedLinears(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wigner, x, source, target, spans, *weights_and_biases):  # noqa: ANN001, ANN205
+        _remember_inputs(ctx, (wigner, x, source, target, spans, *weights_and_biases))
         ctx.rotation_dtype = _promoted(wigner, x)  # rotations in full precision, also under autocast
         ctx.dtype = _matmul_dtype(x, weights_and_biases[0])
         ctx.spans = spans
@@ -103,24 +217,26 @@ class _RotatedLinears(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grads):  # noqa: ANN001, ANN205
         wigner, x, source, target, *weights = ctx.saved_tensors
+        wanted = _wanted(ctx)
         wigner_r, x_r = _cast(ctx.rotation_dtype, wigner, x)
         gathered = _gather_pair(x_r, source, target)  # [E, B, 2C]
         rotated = torch.bmm(wigner_r, gathered)  # [E, K, 2C], recomputed
-        if not ctx.needs_input_grad[0]:
+        if not wanted[0]:
             gathered = None  # only the Wigner gradient needs it again
         pair = rotated.flatten(1).to(ctx.dtype)
         grad_weights_and_biases = []
         grad_pair = []
-        for (lo, hi), weight, has_bias, grad in zip(ctx.spans, weights, ctx.has_bias, grads):
+        for k, ((lo, hi), weight, has_bias, grad) in enumerate(zip(ctx.spans, weights, ctx.has_bias, grads)):
             grad = grad.to(ctx.dtype)
-            grad_weights_and_biases.append(grad.t() @ pair[:, lo:hi])
-            grad_weights_and_biases.append(grad.sum(0) if has_bias else None)
+            need_weight, need_bias = wanted[5 + 2 * k], wanted[6 + 2 * k]
+            grad_weights_and_biases.append(grad.t() @ pair[:, lo:hi] if need_weight else None)
+            grad_weights_and_biases.append(grad.sum(0) if has_bias and need_bias else None)
             grad_pair.append(grad @ weight.to(ctx.dtype))
         grad_rotated = torch.cat(grad_pair, dim=1).view_as(rotated).to(ctx.rotation_dtype)
         grad_wigner = grad_x = None
-        if ctx.needs_input_grad[0]:
+        if wanted[0]:
             grad_wigner = torch.bmm(grad_rotated, gathered.transpose(1, 2))
-        if ctx.needs_input_grad[1]:
+        if wanted[1]:
             both = torch.bmm(wigner_r.transpose(1, 2), grad_rotated)  # [E, B, 2C]
             c = x.shape[2]
             # contiguous halves: index_add of a strided source falls off PyTorch's fast CPU path (5x slower)
@@ -155,6 +271,11 @@ def rotated_linears(
     """
     if [lo for lo, _ in spans[1:]] != [hi for _, hi in spans[:-1]] or spans[0][0] != 0:
         raise ValueError(f"spans must tile the columns in order, got {spans}")
+    if _TWICE.get():
+        with no_autocast(x):
+            dtype = _promoted(wigner, x)
+            pair = _rotate_pair(wigner.to(dtype), x.to(dtype), source, target).flatten(1)
+        return tuple(linear(pair[:, lo:hi], w, b) for (lo, hi), w, b in zip(spans, weights, biases))
     args = [t for pair in zip(weights, biases) for t in pair]
     return _RotatedLinears.apply(wigner, x, source, target, tuple(spans), *args)
 
@@ -168,6 +289,7 @@ class _RotateScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wigner: torch.Tensor, message: torch.Tensor, index: torch.Tensor, num_nodes: int):  # noqa: ANN001, ANN205
+        _remember_inputs(ctx, (wigner, message, index, num_nodes))
         ctx.dtype = _promoted(wigner, message)  # sums over many edges: full precision
         ctx.save_for_backward(wigner, message if ctx.needs_input_grad[0] else None, index)
         with no_autocast(message):
@@ -184,11 +306,12 @@ class _RotateScatter(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         wigner, message, index = _cast(ctx.dtype, *ctx.saved_tensors)
+        need_wigner, need_message = _wanted(ctx)[:2]
         gathered = grad.to(ctx.dtype).index_select(0, index)  # [E, B, C]; faster than [index] on the CPU
         grad_wigner = grad_message = None
-        if ctx.needs_input_grad[0]:
+        if need_wigner:
             grad_wigner = torch.bmm(message, gathered.transpose(1, 2))
-        if ctx.needs_input_grad[1]:
+        if need_message:
             grad_message = torch.bmm(wigner, gathered)
         return grad_wigner, grad_message, None, None
 
@@ -205,6 +328,11 @@ def rotate_scatter(wigner: torch.Tensor, message: torch.Tensor, index: torch.Ten
     Returns:
         ``[N, B, C]`` = ``sum_{e: index[e] = n} wigner[e]^T @ message[e]``.
     """
+    if _TWICE.get():
+        with no_autocast(message):
+            dtype = _promoted(wigner, message)
+            rotated = torch.bmm(wigner.to(dtype).transpose(1, 2), message.to(dtype))
+            return rotated.new_zeros(num_nodes, wigner.shape[2], message.shape[2]).index_add(0, index, rotated)
     return _RotateScatter.apply(wigner, message, index, num_nodes)
 
 
@@ -215,6 +343,7 @@ class _SiLULinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, output_silu):  # noqa: ANN001, ANN205
+        _remember_inputs(ctx, (x, weight, bias, scale, output_silu))
         ctx.dtype = _matmul_dtype(x, weight)
         ctx.save_for_backward(x, weight, bias, scale)
         ctx.output_silu = output_silu
@@ -232,7 +361,7 @@ class _SiLULinear(torch.autograd.Function):
     def _backward(ctx, grad):  # noqa: ANN001, ANN205
         x, weight, bias, scale = _cast(ctx.dtype, *ctx.saved_tensors)
         grad = grad.to(ctx.dtype)
-        need_x, need_weight, need_bias, need_scale, _ = ctx.needs_input_grad
+        need_x, need_weight, need_bias, need_scale, _ = _wanted(ctx)
         grad_x = grad_weight = grad_bias = grad_scale = None
         if need_weight or need_scale or ctx.output_silu:
             act = torch.nn.functional.silu(x)
@@ -265,6 +394,7 @@ class _SampleSiLULinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, sample, bias1, weight2, bias2):  # noqa: ANN001, ANN205
+        _remember_inputs(ctx, (z, sample, bias1, weight2, bias2))
         ctx.dtype = _matmul_dtype(z, weight2)
         ctx.save_for_backward(z, sample, bias1, weight2)
         with no_autocast(z):
@@ -280,7 +410,7 @@ class _SampleSiLULinear(torch.autograd.Function):
     def _backward(ctx, grad):  # noqa: ANN001, ANN205
         z, sample, bias1, weight2 = _cast(ctx.dtype, *ctx.saved_tensors)
         grad = grad.to(ctx.dtype)
-        need_z, _, need_bias1, need_weight2, need_bias2 = ctx.needs_input_grad
+        need_z, _, need_bias1, need_weight2, need_bias2 = _wanted(ctx)
         pre = sample_grid(z, sample, bias1)  # [P, N, F]
         flat_grad = grad.reshape(-1, grad.shape[-1])
         grad_z = grad_bias1 = grad_weight2 = grad_bias2 = None
@@ -318,6 +448,8 @@ def sample_silu_linear(
     Returns:
         ``[P, N, G]`` = ``linear(silu(sample @ z + bias1), weight2, bias2)``.
     """
+    if _TWICE.get():
+        return linear(silu(sample_grid(z, sample, bias1)), weight2, bias2)
     return _SampleSiLULinear.apply(z, sample, bias1, weight2, bias2)
 
 
@@ -349,4 +481,8 @@ def silu_linear(
     Returns:
         ``[..., G]``.
     """
+    if _TWICE.get():
+        a = silu(x)
+        out = linear(a if scale is None else a * scale, weight, bias)
+        return silu(out) if output_silu else out
     return _SiLULinear.apply(x, weight, bias, scale, output_silu)

@@ -17,11 +17,13 @@ other response, and it has no stress (its forces are not the gradient of any ene
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 
 from ..data.batch import AtomicBatch
+from .ops import differentiated_twice
 
 __all__ = ["EnergyModel", "NoStressError", "compute_response", "voigt"]
 
@@ -85,7 +87,9 @@ def compute_response(
             strained_cell = cell + torch.bmm(cell, symmetric)
         else:
             strained_positions, strained_cell = positions, cell
-        out = model.energy_terms(batch, strained_positions, strained_cell, graph)
+        twice = create_graph and (want_forces or stress)
+        with differentiated_twice() if twice else contextlib.nullcontext():
+            out = model.energy_terms(batch, strained_positions, strained_cell, graph)
         if want_forces or stress:
             inputs = [positions] + ([strain] if stress else [])
             grads = torch.autograd.grad(
