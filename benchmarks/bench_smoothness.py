@@ -8,7 +8,11 @@ built-in example structures), the first adsorbate atom is moved ``--length`` Å 
 of ``--step`` Å, and the energy is evaluated at every point. A smooth surface changes by about
 the same amount per step; a discontinuity (a neighbour entering a capped list, a resolution or
 frame switch) shows as one step far above the median. Prints one JSON line per checkpoint: per
-structure the largest step / median step, and the largest ratio over all of them.
+structure the largest step / median step (``max_over_median``, the relaxation issue's measure),
+and the largest local jump / median step (``jump_over_median``): a step's departure from the mean
+of its two neighbours, ``|dE_i - (dE_{i-1} + dE_{i+1}) / 2|``. A path that climbs a repulsive
+wall has large steps that grow smoothly (large ``max_over_median``, small jumps); a
+discontinuity of size J is a local jump of about J.
 """
 
 from __future__ import annotations
@@ -54,16 +58,20 @@ def main() -> None:
     structures = [a for a in read(args.structures, ":") if 0 < list(a.get_tags()).count(2) < len(a)][: args.count]
     for path in args.checkpoints:
         model = load_model(path, dtype=torch.float64, trust_pickle=args.trust_pickle).eval()
-        ratios, medians = [], []
+        ratios, jumps, medians = [], [], []
         for atoms in structures:
             index = int(np.flatnonzero(atoms.get_tags() == 2)[0])
-            steps = np.abs(np.diff(path_energies(model, atoms, index, args.length, args.step, torch.float64)))
+            signed = np.diff(path_energies(model, atoms, index, args.length, args.step, torch.float64))
+            steps = np.abs(signed)
+            local = np.abs(signed[1:-1] - 0.5 * (signed[:-2] + signed[2:]))
             ratios.append(float(steps.max() / np.median(steps)))
+            jumps.append(float(local.max() / np.median(steps)))
             medians.append(float(np.median(steps)))
         print(json.dumps({
             "checkpoint": path, "smooth": bool(model.smooth), "direct_forces": bool(model.direct_forces),
             "structures": len(structures), "step_A": args.step, "length_A": args.length,
-            "max_over_median": ratios, "largest_ratio": max(ratios), "median_step_eV": medians,
+            "max_over_median": ratios, "largest_ratio": max(ratios),
+            "jump_over_median": jumps, "largest_jump": max(jumps), "median_step_eV": medians,
         }), flush=True)
 
 

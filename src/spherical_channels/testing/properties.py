@@ -74,16 +74,17 @@ class Tolerances:
             below 1e-8 relative for |E| < 1e4 eV and forces ~1 eV/Å.
         position_step: Å, the displacement of a central difference of the forces.
         strain_step: the strain of a central difference of the stress (it moves an atom
-            10 Å from the origin by 3e-5 Å). At 1e-5 the truncation reached 1.7e-6 relative on
-            the shrunk demo variants at a 5 Å cutoff (official and smooth alike; 1.5e-7 at
-            3e-6, as h^2 predicts).
+            10 Å from the origin by 1.5e-5 Å). The truncation error goes as h^2: at 1e-5 it
+            reached 1.7e-6 relative on the shrunk demo variants at a 5 Å cutoff; the smooth
+            variant at 4.5 Å (``scn_relax``) gave 5.5e-6, 1.4e-6 and 3.4e-7 at 6e-6, 3e-6 and
+            1.5e-6 (round-off at 1.5e-6 is ~1e-9).
     """
 
     float64: float = 1e-10
     float32: float = 1e-4
     finite_difference: float = 1e-6
     position_step: float = 1e-5
-    strain_step: float = 3e-6
+    strain_step: float = 1.5e-6
 
     def exact(self, dtype: torch.dtype) -> float:
         """Relative tolerance of an exact property in ``dtype``."""
