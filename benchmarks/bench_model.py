@@ -216,10 +216,7 @@ def main(argv=None) -> int:
             nonlocal last_loss
             batch, e_t, f_t = b
             opt.zero_grad(set_to_none=True)
-            out = model(batch)
-            loss = 2.0 * torch.mean(torch.abs(out["energy"] - e_t)) + 100.0 * torch.mean(
-                torch.linalg.vector_norm(out["forces"] - f_t, dim=-1)
-            )
+            loss = _loss(model(batch), e_t, f_t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
             opt.step()

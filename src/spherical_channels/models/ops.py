@@ -200,14 +200,9 @@ class _RotatedLinears(torch.autograd.Function):
         ctx.spans = spans
         ctx.has_bias = [b is not None for b in weights_and_biases[1::2]]
         ctx.save_for_backward(wigner, x, source, target, *weights_and_biases[0::2])
-        with no_autocast(x):
-            wigner, x = _cast(ctx.rotation_dtype, wigner, x)
-            pair = _rotate_pair(wigner, x, source, target).flatten(1).to(ctx.dtype)
-            outputs = []
-            for (lo, hi), weight, bias in zip(spans, weights_and_biases[0::2], weights_and_biases[1::2]):
-                weight, bias = _cast(ctx.dtype, weight, bias)
-                outputs.append(linear(pair[:, lo:hi], weight, bias))
-        return tuple(outputs)
+        return _rotated_linears_chain(
+            wigner, x, source, target, spans, weights_and_biases[0::2], weights_and_biases[1::2]
+        )
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
@@ -245,6 +240,21 @@ class _RotatedLinears(torch.autograd.Function):
         return (grad_wigner, grad_x, None, None, None, *grad_weights_and_biases)
 
 
+def _rotated_linears_chain(wigner, x, source, target, spans, weights, biases) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """What :func:`rotated_linears` computes, as plain operations: the rotation in full precision,
+    the linear maps in autocast's dtype when it is on (the forward of :class:`_RotatedLinears`,
+    and the path that is differentiated twice)."""
+    rotation_dtype, dtype = _promoted(wigner, x), _matmul_dtype(x, weights[0])
+    with no_autocast(x):
+        wigner, x = _cast(rotation_dtype, wigner, x)
+        pair = _rotate_pair(wigner, x, source, target).flatten(1).to(dtype)
+        outputs = []
+        for (lo, hi), weight, bias in zip(spans, weights, biases):
+            weight, bias = _cast(dtype, weight, bias)
+            outputs.append(linear(pair[:, lo:hi], weight, bias))
+    return tuple(outputs)
+
+
 def rotated_linears(
     wigner: torch.Tensor,
     x: torch.Tensor,
@@ -272,10 +282,7 @@ def rotated_linears(
     if [lo for lo, _ in spans[1:]] != [hi for _, hi in spans[:-1]] or spans[0][0] != 0:
         raise ValueError(f"spans must tile the columns in order, got {spans}")
     if _TWICE.get():
-        with no_autocast(x):
-            dtype = _promoted(wigner, x)
-            pair = _rotate_pair(wigner.to(dtype), x.to(dtype), source, target).flatten(1)
-        return tuple(linear(pair[:, lo:hi], w, b) for (lo, hi), w, b in zip(spans, weights, biases))
+        return _rotated_linears_chain(wigner, x, source, target, spans, weights, biases)
     args = [t for pair in zip(weights, biases) for t in pair]
     return _RotatedLinears.apply(wigner, x, source, target, tuple(spans), *args)
 
@@ -292,11 +299,7 @@ class _RotateScatter(torch.autograd.Function):
         _remember_inputs(ctx, (wigner, message, index, num_nodes))
         ctx.dtype = _promoted(wigner, message)  # sums over many edges: full precision
         ctx.save_for_backward(wigner, message if ctx.needs_input_grad[0] else None, index)
-        with no_autocast(message):
-            wigner, message = _cast(ctx.dtype, wigner, message)
-            rotated = torch.bmm(wigner.transpose(1, 2), message)
-            out = message.new_zeros(num_nodes, wigner.shape[2], message.shape[2])
-            return out.index_add_(0, index, rotated)
+        return _rotate_scatter_chain(wigner, message, index, num_nodes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
@@ -316,6 +319,15 @@ class _RotateScatter(torch.autograd.Function):
         return grad_wigner, grad_message, None, None
 
 
+def _rotate_scatter_chain(wigner: torch.Tensor, message: torch.Tensor, index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """What :func:`rotate_scatter` computes, as plain operations, in full precision (sums over
+    many edges)."""
+    with no_autocast(message):
+        wigner, message = _cast(_promoted(wigner, message), wigner, message)
+        rotated = torch.bmm(wigner.transpose(1, 2), message)
+        return message.new_zeros(num_nodes, wigner.shape[2], message.shape[2]).index_add_(0, index, rotated)
+
+
 def rotate_scatter(wigner: torch.Tensor, message: torch.Tensor, index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """Rotate edge-frame messages back to the global frame and sum them at their target nodes.
 
@@ -329,10 +341,7 @@ def rotate_scatter(wigner: torch.Tensor, message: torch.Tensor, index: torch.Ten
         ``[N, B, C]`` = ``sum_{e: index[e] = n} wigner[e]^T @ message[e]``.
     """
     if _TWICE.get():
-        with no_autocast(message):
-            dtype = _promoted(wigner, message)
-            rotated = torch.bmm(wigner.to(dtype).transpose(1, 2), message.to(dtype))
-            return rotated.new_zeros(num_nodes, wigner.shape[2], message.shape[2]).index_add(0, index, rotated)
+        return _rotate_scatter_chain(wigner, message, index, num_nodes)
     return _RotateScatter.apply(wigner, message, index, num_nodes)
 
 
@@ -347,10 +356,7 @@ class _SiLULinear(torch.autograd.Function):
         ctx.dtype = _matmul_dtype(x, weight)
         ctx.save_for_backward(x, weight, bias, scale)
         ctx.output_silu = output_silu
-        with no_autocast(x):
-            x, weight, bias, scale = _cast(ctx.dtype, x, weight, bias, scale)
-            out = linear(_scaled_silu(x, scale), weight, bias)
-            return torch.nn.functional.silu(out) if output_silu else out
+        return _silu_linear_chain(x, weight, bias, scale, output_silu)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -382,9 +388,13 @@ class _SiLULinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_scale, None
 
 
-def _scaled_silu(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    a = torch.nn.functional.silu(x)
-    return a if scale is None else a * scale
+def _silu_linear_chain(x, weight, bias, scale, output_silu: bool) -> torch.Tensor:  # noqa: ANN001
+    """What :func:`silu_linear` computes, as plain operations, in autocast's dtype when it is on."""
+    with no_autocast(x):
+        x, weight, bias, scale = _cast(_matmul_dtype(x, weight), x, weight, bias, scale)
+        a = silu(x)
+        out = linear(a if scale is None else a * scale, weight, bias)
+        return silu(out) if output_silu else out
 
 
 class _SampleSiLULinear(torch.autograd.Function):
@@ -397,9 +407,7 @@ class _SampleSiLULinear(torch.autograd.Function):
         _remember_inputs(ctx, (z, sample, bias1, weight2, bias2))
         ctx.dtype = _matmul_dtype(z, weight2)
         ctx.save_for_backward(z, sample, bias1, weight2)
-        with no_autocast(z):
-            z, sample, bias1, weight2, bias2 = _cast(ctx.dtype, z, sample, bias1, weight2, bias2)
-            return linear(torch.nn.functional.silu(sample_grid(z, sample, bias1)), weight2, bias2)
+        return _sample_silu_linear_chain(z, sample, bias1, weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -435,6 +443,13 @@ def sample_grid(z: torch.Tensor, sample: torch.Tensor, bias: torch.Tensor) -> to
     return values.view(-1, num_nodes, features) + bias
 
 
+def _sample_silu_linear_chain(z, sample, bias1, weight2, bias2) -> torch.Tensor:  # noqa: ANN001
+    """What :func:`sample_silu_linear` computes, as plain operations, in autocast's dtype when it is on."""
+    with no_autocast(z):
+        z, sample, bias1, weight2, bias2 = _cast(_matmul_dtype(z, weight2), z, sample, bias1, weight2, bias2)
+        return linear(silu(sample_grid(z, sample, bias1)), weight2, bias2)
+
+
 def sample_silu_linear(
     z: torch.Tensor, sample: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor
 ) -> torch.Tensor:
@@ -449,7 +464,7 @@ def sample_silu_linear(
         ``[P, N, G]`` = ``linear(silu(sample @ z + bias1), weight2, bias2)``.
     """
     if _TWICE.get():
-        return linear(silu(sample_grid(z, sample, bias1)), weight2, bias2)
+        return _sample_silu_linear_chain(z, sample, bias1, weight2, bias2)
     return _SampleSiLULinear.apply(z, sample, bias1, weight2, bias2)
 
 
@@ -482,7 +497,5 @@ def silu_linear(
         ``[..., G]``.
     """
     if _TWICE.get():
-        a = silu(x)
-        out = linear(a if scale is None else a * scale, weight, bias)
-        return silu(out) if output_silu else out
+        return _silu_linear_chain(x, weight, bias, scale, output_silu)
     return _SiLULinear.apply(x, weight, bias, scale, output_silu)
