@@ -80,10 +80,73 @@ def test_an_interrupted_run_keeps_the_structures_relaxed(tmp_path: Path, monkeyp
     source = write(tmp_path / "in.extxyz", [h2(0.74), h2(0.8), h2(0.9)])
     out = tmp_path / "relaxed.extxyz"
     with pytest.raises(KeyboardInterrupt):
-        main(["relax", str(CHECKPOINT), str(source), "-o", str(out), "--steps", "1", "--quiet"])
+        main(["relax", str(CHECKPOINT), str(source), "-o", str(out), "--steps", "1", "--quiet", "--engine", "ase"])
     assert [a.info["source_index"] for a in read(out, ":")] == [0]
     assert [r["index"] for r in strict_json(out.with_suffix(".json"))] == [0]
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_an_interrupted_batched_run_keeps_the_structures_relaxed(tmp_path: Path, monkeypatch) -> None:
+    """The batched engine hands over each structure as it finishes; an interruption after the
+    first keeps that one."""
+    engine = importlib.import_module("spherical_channels.simulation.engine")
+    original = engine.relax_many
+
+    def interrupted_after_the_first(*args, on_finish, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def finish(outcome):  # noqa: ANN001, ANN202
+            on_finish(outcome)
+            raise KeyboardInterrupt
+
+        return original(*args, on_finish=finish, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("spherical_channels.simulation"), "relax_many",
+                        interrupted_after_the_first)
+    source = write(tmp_path / "in.extxyz", [h2(0.74), h2(0.8), h2(0.9)])
+    out = tmp_path / "relaxed.extxyz"
+    with pytest.raises(KeyboardInterrupt):
+        main(["relax", str(CHECKPOINT), str(source), "-o", str(out), "--steps", "3", "--quiet"])
+    kept = read(out, ":")
+    assert len(kept) == 1 and len(strict_json(out.with_suffix(".json"))) == 1
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_both_engines_relax_alike(tmp_path: Path) -> None:
+    """The batched engine and one ASE optimiser per structure (same FIRE) give the same
+    relaxed structures, in input order, with the same summary."""
+    slabs = []
+    for k in range(3):
+        slab = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+        slab.set_constraint(FixAtoms(indices=list(range(4))))
+        slab.rattle(0.05 + 0.03 * k, seed=k)
+        slabs.append(slab)
+    source = write(tmp_path / "in.extxyz", slabs)
+    outs = {}
+    for engine in ("batched", "ase"):
+        out = tmp_path / f"{engine}.extxyz"
+        main(["relax", str(CHECKPOINT), str(source), "-o", str(out), "--engine", engine, "--optimizer", "FIRE",
+              "--steps", "15", "--quiet"])
+        outs[engine] = (read(out, ":"), strict_json(out.with_suffix(".json")))
+    (batched, b_summary), (ase_frames, a_summary) = outs["batched"], outs["ase"]
+    assert [a.info["source_index"] for a in batched] == [0, 1, 2] == [a.info["source_index"] for a in ase_frames]
+    for b, a, slab in zip(batched, ase_frames, slabs):
+        # float32 model: the two paths round differently (batched vs single structures)
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-4)
+        np.testing.assert_array_equal(b.positions[:4], slab.positions[:4])  # fixed atoms stay
+        assert np.abs(b.positions[4:] - slab.positions[4:]).max() > 1e-3  # the others moved
+    for b, a in zip(b_summary, a_summary):
+        assert b["index"] == a["index"] and b["steps"] == a["steps"] and b["converged"] == a["converged"]
+        assert b["energy"] == pytest.approx(a["energy"], abs=1e-4)
+
+
+def test_engine_options_are_checked(tmp_path: Path) -> None:
+    source = write(tmp_path / "in.extxyz", [h2(0.74)])
+    with pytest.raises(SystemExit, match="use --engine ase for BFGS"):
+        main(["relax", str(CHECKPOINT), str(source), "--optimizer", "BFGS", "-o", str(tmp_path / "r.extxyz")])
+    with pytest.raises(SystemExit, match="--rotation-average needs --engine ase"):
+        main(["relax", str(CHECKPOINT), str(source), "--rotation-average", "2", "-o", str(tmp_path / "r.extxyz")])
+    with pytest.raises(SystemExit, match="--batch-atoms must be >= 1"):
+        main(["relax", str(CHECKPOINT), str(source), "--batch-atoms", "0", "-o", str(tmp_path / "r.extxyz")])
+    assert not (tmp_path / "r.extxyz").exists()
 
 
 def test_relax_input_errors_are_clear(tmp_path: Path) -> None:
@@ -98,7 +161,8 @@ def test_relax_input_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="summary"):  # the summary would overwrite the structures
         main(["relax", str(CHECKPOINT), str(source), "-o", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="rotation_average") as exc:
-        main(["relax", str(CHECKPOINT), str(source), "--rotation-average", "-1", "-o", str(tmp_path / "r.extxyz")])
+        main(["relax", str(CHECKPOINT), str(source), "--rotation-average", "-1", "--engine", "ase",
+              "-o", str(tmp_path / "r.extxyz")])
     assert str(CHECKPOINT) in exc.value.code
     assert not (tmp_path / "r.extxyz").exists()
 

@@ -252,3 +252,42 @@ def test_the_unrelaxed_baseline_covers_the_structures_the_model_row_covers() -> 
     assert out["unrelaxed"]["is2rs"]["num_structures"] == out["is2rs"]["num_structures"] == 2
     assert out["is2rs"]["num_afbt_structures"] == 2 and "afbt" not in out["unrelaxed"]["is2rs"]
     assert "RuntimeError" in out["relaxations"][0]["initial_reference_error"]
+
+
+def test_batched_and_ase_relaxations_give_the_same_metrics(tmp_path) -> None:
+    """A model relaxes its structures with the batched engine; the same potential behind an
+    ASE calculator with ASE's FIRE gives the same records (float64: to round-off). A
+    malformed target and an overlapping structure fail alone on both paths."""
+    from spherical_channels.simulation import SCNCalculator
+    from spherical_channels.testing.potentials import MorsePotential
+
+    model = MorsePotential().to(torch.float64)
+    frames = []
+    for k in range(3):
+        atoms = fcc111("Cu", (2, 2, 2), vacuum=5.0)
+        atoms.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
+        atoms.set_tags([1] * 6 + [2] * 2)
+        atoms.arrays["relaxed_positions"] = atoms.positions.copy()
+        atoms.info["relaxed_energy"] = -3.0
+        atoms.rattle(0.05 + 0.02 * k, seed=k)
+        frames.append(atoms)
+    malformed = frames[0].copy()
+    malformed.arrays["relaxed_positions"] = np.full((len(malformed), 3), np.nan)
+    overlapping = frames[1].copy()
+    overlapping.positions[7] = overlapping.positions[6]
+    data = [frames[0], malformed, frames[1], overlapping, frames[2]]
+    failures: dict[str, list[int]] = {"batched": [], "ase": []}
+    out = {}
+    for name, calculator in (("batched", model), ("ase", SCNCalculator(model, dtype=torch.float64))):
+        out[name] = evaluate_relaxations(calculator, data, "FIRE", fmax=0.05, steps=30, reference_calculator=EMT,
+                                         on_failure=lambda i, m, name=name: failures[name].append(i))
+    assert failures["batched"] == failures["ase"] == [1, 3]
+    for b, a in zip(out["batched"]["relaxations"], out["ase"]["relaxations"]):
+        assert set(b) == set(a) and b["index"] == a["index"]
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+            elif key != "error":
+                assert b[key] == value, key
+    assert out["batched"]["is2rs"] == pytest.approx(out["ase"]["is2rs"], rel=1e-9)
+    assert out["batched"]["mean_steps"] == out["ase"]["mean_steps"] > 1

@@ -135,9 +135,14 @@ def test_bad_files_give_an_error_naming_the_file(kind: str, bad_checkpoint) -> N
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path: Path) -> None:
     checkpoint = read_checkpoint(FIXTURES / "cfg_tiny" / "ckpt.pt")
+    checkpoint["config"]["model"] = "gemnet_oc"
+    torch.save(checkpoint, tmp_path / "gemnet.pt")
+    with pytest.raises(CheckpointError, match=r"gemnet\.pt: .*model 'gemnet_oc', which this package does not implement"):
+        load_model(tmp_path / "gemnet.pt")
+    # SchNet is implemented: an SCN checkpoint labelled "schnet" is refused for its options
     checkpoint["config"]["model"] = "schnet"
     torch.save(checkpoint, tmp_path / "schnet.pt")
-    with pytest.raises(CheckpointError, match=r"schnet\.pt: .*model 'schnet', not SCN"):
+    with pytest.raises(CheckpointError, match=r"schnet\.pt: unknown SchNet options \['basis_width_scalar'"):
         load_model(tmp_path / "schnet.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="neither this package's checkpoint format nor the official"):

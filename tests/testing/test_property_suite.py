@@ -22,13 +22,15 @@ from spherical_channels.testing import (
     shrink_options,
 )
 from spherical_channels.testing.scn import ROTATION_BOUNDS
+from spherical_channels.training.config import load_config
 
 from scn_helpers import scale_like_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "small"
-VARIANTS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+# the SCN variants (configs/small/schnet.yaml is the SchNet baseline: tests/models/test_schnet.py)
+VARIANTS = sorted(p.stem for p in CONFIGS.glob("*.yaml") if load_config(p).model_name == "scn")
 FAST = dict(smoothness_steps=8, num_rotations=2)
 
 #: Exact properties every SCN variant must pass (not merely "n/a") in both dtypes.

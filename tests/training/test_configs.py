@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spherical_channels.models import SCN
+from spherical_channels.models.registry import model_spec
 from spherical_channels.training.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -33,8 +33,9 @@ def test_paper_config_parses(path: Path) -> None:
 def test_small_config_builds_its_model(path: Path) -> None:
     config = load_config(path)
     assert config.train.path.endswith("train.extxyz")
-    model = SCN(**config.model)
-    assert model.num_params > 1000
+    spec = model_spec(config.model_name)  # scn, or schnet (configs/small/schnet.yaml)
+    model = spec.build(config.model)
+    assert isinstance(model, spec.model_class) and model.num_params > 1000
 
 
 def test_includes_merge_and_cycles(tmp_path: Path) -> None:

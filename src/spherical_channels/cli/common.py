@@ -29,6 +29,35 @@ def add_trust_pickle_argument(parser: Any) -> None:
 #: ASE optimisers the CLI offers (``simulation.relax.OPTIMIZERS``; named here so that building
 #: the parser does not import torch).
 OPTIMIZER_NAMES = ("BFGS", "BFGSLineSearch", "FIRE", "LBFGS")
+#: The batched engine's optimisers (``simulation.optimizers``) and each engine's default.
+BATCHED_OPTIMIZER_NAMES = ("FIRE", "LBFGS")
+DEFAULT_OPTIMIZER = {"batched": "LBFGS", "ase": "BFGS"}
+
+
+def add_relax_engine_arguments(parser: Any) -> None:
+    """``--engine``, ``--optimizer`` and ``--batch-atoms`` of the commands that relax."""
+    parser.add_argument("--engine", choices=("batched", "ase"), default="batched",
+                        help="batched: many structures per model call, optimiser state in torch (default); "
+                             "ase: one ASE optimiser per structure")
+    parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=None,
+                        help="default LBFGS (batched; FIRE and LBFGS as ASE defines them) or BFGS (ase)")
+    parser.add_argument("--batch-atoms", type=int, default=None,
+                        help="batched engine: most atoms per model call (default: 512 on a CPU, sized from free "
+                             "memory on a GPU)")
+
+
+def resolve_relax_engine(command: str, args: Any) -> None:
+    """Fill in ``args.optimizer`` for the chosen engine, or exit saying what does not fit."""
+    if args.optimizer is None:
+        args.optimizer = DEFAULT_OPTIMIZER[args.engine]
+    if args.engine == "batched":
+        if args.optimizer not in BATCHED_OPTIMIZER_NAMES:
+            raise SystemExit(f"scn {command}: the batched engine has {' and '.join(BATCHED_OPTIMIZER_NAMES)}; "
+                             f"use --engine ase for {args.optimizer}")
+        if getattr(args, "rotation_average", 0):
+            raise SystemExit(f"scn {command}: --rotation-average needs --engine ase")
+    if args.batch_atoms is not None and args.batch_atoms < 1:
+        raise SystemExit(f"scn {command}: --batch-atoms must be >= 1, got {args.batch_atoms}")
 
 
 def open_structures(path: str | Path, trust_pickle: bool = False) -> Any:
@@ -141,7 +170,8 @@ def load_checkpoint_model(
     dtype: Any = None,
     trust_pickle: bool = False,
 ) -> tuple[Mapping[str, Any], Any]:
-    """``(checkpoint dictionary, SCN in eval mode)`` from ``path``; any failure (missing file,
+    """``(checkpoint dictionary, model in eval mode)`` from ``path`` (an SCN, a SchNet, ...:
+    whichever the checkpoint holds); any failure (missing file,
     directory, empty, truncated, not a checkpoint, another model, weights that do not fit) is
     a one-line ``SystemExit`` naming the file."""
     from ..models.checkpoint import load_model, read_checkpoint

@@ -16,6 +16,10 @@ examples:
   scn eval runs/demo/checkpoints/best.pt data/                     # every split of generated data
   scn eval best.pt val.extxyz test.aselmdb -o metrics.json --baseline
   scn eval best.pt data/ --max-relax 20 --fmax 0.05                # fewer relaxations (IS2RE/IS2RS)
+  torchrun --standalone --nproc_per_node=8 $(which scn) eval best.pt data/ -o metrics.json   # 8 processes
+
+under torchrun each process evaluates its share of every split (S2EF batches, relaxations) and
+rank 0 reports the metrics of all, the same as one process reports.
 """
 
 _COLUMNS = [
@@ -40,7 +44,7 @@ UNRELAXED_NOTE = ("unrelaxed: the initial structures as the prediction, to show 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``scn eval``."""
-    from .common import OPTIMIZER_NAMES, add_trust_pickle_argument
+    from .common import add_relax_engine_arguments, add_trust_pickle_argument
 
     p = subparsers.add_parser(
         "eval",
@@ -57,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "covers the structures that have what it needs (energy metrics: a reference energy; force "
             "metrics: reference forces; EFwT: both), and the report says how many that was; metrics "
             "with nothing to cover are '-' in the table and null in the JSON. A structure that "
-            "cannot be relaxed is reported and left out of IS2RE/IS2RS."
+            "cannot be relaxed is reported and left out of IS2RE/IS2RS. Relaxations use the batched "
+            "engine (LBFGS by default) unless --engine ase."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-structures", type=int, help="evaluate at most this many S2EF structures per file")
     p.add_argument("--max-relax", type=int, help="relax at most this many structures per file")
     p.add_argument("--no-relax", action="store_true", help="skip IS2RE/IS2RS (relaxations)")
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="BFGS")
+    add_relax_engine_arguments(p)
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--reference", choices=("auto", "emt", "none"), default="auto",
@@ -84,10 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import sharding
     from ..evaluation.evaluate import evaluate_relaxations, evaluate_s2ef, s2ef_baseline
     from ..simulation import SCNCalculator
-    from .common import data_items, is_emt_data
-    from .common import check_device, describe_failure, load_checkpoint_model, naming, one_line, prepare_output
+    from .common import data_items, is_emt_data, resolve_relax_engine
+    from .common import describe_failure, load_checkpoint_model, naming, one_line, prepare_output
 
     for name in ("batch_size", "max_structures", "max_relax"):
         value = getattr(args, name)
@@ -95,7 +101,10 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"scn eval: --{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.fmax > 0 or args.steps < 0:
         raise SystemExit(f"scn eval: need --fmax > 0 and --steps >= 0, got {args.fmax} and {args.steps}")
-    device = check_device("eval", args.device)
+    resolve_relax_engine("eval", args)
+    # under torchrun each rank evaluates its share of every split, and all get the metrics
+    ctx = sharding.join("eval", args.device)
+    device = ctx.device
     checkpoint, model = load_checkpoint_model("eval", args.checkpoint, device=device, dtype=torch.float32,
                                               trust_pickle=args.trust_pickle)
     element_energies = _element_energies(checkpoint, args.checkpoint) if args.baseline else None
@@ -112,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
             calculator = SCNCalculator(model, device=device)
         except ValueError as err:  # e.g. a model without forces
             raise SystemExit(f"scn eval: {naming(args.checkpoint, one_line(err))}") from None
+        if args.engine == "batched":
+            calculator = model  # the batched engine calls the model itself
     reference = None
     if args.reference == "emt" or (args.reference == "auto" and is_emt_data(args.data)):
         from ase.calculators.emt import EMT
@@ -126,10 +137,10 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError("holds no structures")
             if item.task == "s2ef":
                 row["s2ef"] = evaluate_s2ef(model, data, args.batch_size, device,
-                                            max_structures=args.max_structures, progress=not args.quiet)
+                                            max_structures=args.max_structures, progress=not args.quiet, ctx=ctx)
                 if element_energies is not None:
                     row["baseline"] = s2ef_baseline(data, element_energies, batch_size=args.batch_size,
-                                                    max_structures=args.max_structures)
+                                                    max_structures=args.max_structures, ctx=ctx)
             elif calculator is not None:
 
                 def report(index: int, message: str, path: Path = item.path) -> None:
@@ -137,20 +148,26 @@ def _run(args: argparse.Namespace) -> int:
 
                 result = evaluate_relaxations(calculator, data, args.optimizer, args.fmax, args.steps,
                                               reference_calculator=reference, max_structures=args.max_relax,
-                                              progress=not args.quiet, on_failure=report)
+                                              progress=not args.quiet, on_failure=report, ctx=ctx,
+                                              batch_atoms=args.batch_atoms)
                 row["relax"] = {k: v for k, v in result.items() if k != "relaxations"}
                 row["relax"]["failed"] = [r for r in result["relaxations"] if "error" in r]
         except Exception as err:  # noqa: BLE001 - name the file; the splits done so far are kept
+            # an error in one rank's share is raised on every rank: all of them stop here
             message = naming(item.path, one_line(err))
             if not row:
                 del rows[item.name]
-            _write(args, rows, incomplete=message)
-            raise SystemExit(f"scn eval: {message}" + (f" (the splits done are in {args.output})" if args.output else "")) from None
-    if not args.quiet:
-        print(format_table(rows))
-        for line in coverage_notes(rows):
-            print(line)
-    _write(args, rows)
+            if ctx.is_main:
+                _write(args, rows, incomplete=message)
+            sharding.finish(ctx, f"scn eval: {message}" + (f" (the splits done are in {args.output})"
+                                                           if args.output else ""))
+    if ctx.is_main:  # every rank has the metrics; one reports them
+        if not args.quiet:
+            print(format_table(rows))
+            for line in coverage_notes(rows):
+                print(line)
+        _write(args, rows)
+    sharding.finish(ctx, None)
     return 0
 
 

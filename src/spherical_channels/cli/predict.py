@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    check_device,
     describe_failure,
     load_checkpoint_model,
     one_line,
@@ -36,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "layout, e.g. the released OC20 SCN models), or 'example' for the small random-weight "
             "checkpoint shipped with the package. STRUCTURES is a data set (extxyz, .db, .aselmdb, "
             "OC20 .lmdb), any file ASE can read (all frames are used), or 'example'. A structure "
-            "the model cannot take is reported and skipped; the command then exits with status 1."
+            "the model cannot take is reported and skipped; the command then exits with status 1. "
+            "Under torchrun ('torchrun --nproc_per_node=N $(which scn) predict ...') each process "
+            "predicts its share of the batches and rank 0 writes the outputs, in input order."
         ),
     )
     p.add_argument("checkpoint", help="checkpoint file, or 'example'")
@@ -60,9 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
-    from ..data.formats.extxyz import ExtxyzWriter
+    from .. import sharding
     from ..resources import EXAMPLE_CHECKPOINT, EXAMPLE_STRUCTURES, resource_path
 
     checkpoint = resource_path(EXAMPLE_CHECKPOINT) if args.checkpoint == "example" else Path(args.checkpoint)
@@ -71,7 +71,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise SystemExit("scn predict: --batch-size must be >= 1")
     if args.output is not None and args.json is not None and args.output.resolve() == args.json.resolve():
         raise SystemExit("scn predict: -o and --json name the same file")
-    device = check_device("predict", args.device)
+    ctx = sharding.join("predict", args.device)  # under torchrun: this rank's device
+    device = ctx.device
     dtype = getattr(torch, args.dtype)
     _, model = load_checkpoint_model("predict", checkpoint, weights=args.weights, device=device, dtype=dtype,
                                      trust_pickle=args.trust_pickle)
@@ -79,53 +80,115 @@ def _run_predict(args: argparse.Namespace) -> int:
     prepare_output("predict", args.output)
     prepare_output("predict", args.json)
 
-    results: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
     start = time.perf_counter()
-    # predictions are appended batch by batch to a temporary file that replaces the output at
-    # the end: memory stays flat, and an interrupted run leaves no half-written output
-    partial = args.output.with_name(f".{args.output.name}.partial") if args.output else None
+    with sharding.interruptible(ctx):
+        results, failures = _predict_all(args, model, dataset, dtype, device, structures, ctx)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+
+    message = None
+    if ctx.is_main:
+        if not args.quiet:
+            print(f"{'#':>4} {'formula':<14} {'atoms':>5} {'energy / eV':>14} {'max|F| / eV/A':>14}")
+            for r in results:
+                print(f"{r['index']:>4} {r['formula']:<14} {r['natoms']:>5} {r['energy']:>14.6f} "
+                      f"{r['max_force']:>14.6f}")
+            print(f"{len(results)} structures in {elapsed:.2f} s ({len(results) / elapsed:.1f} structures/s)")
+        if args.json:
+            write_json(args.json, {"checkpoint": str(checkpoint), "structures": str(structures),
+                                   "predictions": results, "failures": failures})
+        if failures:
+            first = failures[0]
+            message = (f"scn predict: {len(failures)} of {len(dataset)} structures failed (first: "
+                       f"{describe_failure(structures, first['index'], first['error'])}); the others were predicted")
+    sharding.finish(ctx, message)  # every rank exits as rank 0 does
+    return 0
+
+
+def _predict_all(
+    args: argparse.Namespace, model: Any, dataset: Sequence[Any], dtype: Any, device: Any, source: Path, ctx: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Predict this rank's share of the batches of ``dataset`` (batch ``b``: structures
+    ``b * batch_size`` onwards); on rank 0 return every structure's record and every failure
+    in input order (empty lists on the other ranks), the structures with their predictions
+    written to ``args.output``.
+
+    Predictions are appended batch by batch to a partial file that replaces the output at the
+    end: memory stays flat, and an interrupted run leaves no half-written output but keeps
+    the partial file. Under ``torchrun`` each rank streams its batches to
+    ``.NAME.rankR-of-W.partial`` and holds them until rank 0, which gathers every rank's
+    batches in input order, has written the output (then the rank files are removed). The
+    batches are the same as in one process, so the predictions are too.
+    """
+    from .. import sharding
+    from ..data.formats.extxyz import ExtxyzWriter
+
+    batches = -(-len(dataset) // args.batch_size)
+    partial = sharding.partial_path(args.output, ctx) if args.output else None
     writer = ExtxyzWriter(partial) if partial is not None else None  # exact floats
-    done = False
-    try:
-        for first in tqdm(range(0, len(dataset), args.batch_size), desc="predict", unit="batch", disable=args.quiet):
-            indices = range(first, min(len(dataset), first + args.batch_size))
-            for index, atoms, out in _predict_chunk(model, dataset, indices, dtype, device, failures, structures):
+    predicted = 0  # structures this rank wrote to its partial file
+
+    def work(mine: list[int]) -> list[tuple[list, list, list]]:
+        nonlocal predicted
+        outcomes = []
+        for b in sharding.progress(mine, ctx, desc="predict", unit="batch", disable=args.quiet):
+            indices = range(b * args.batch_size, min(len(dataset), (b + 1) * args.batch_size))
+            records, failures, frames = [], [], []
+            for index, atoms, out in _predict_chunk(model, dataset, indices, dtype, device, failures, source):
                 atoms.calc = _single_point(atoms, out)
                 record = {"index": index, "formula": atoms.get_chemical_formula(), "natoms": len(atoms),
                           "energy": out["energy"],
                           "max_force": float(abs(out["forces"]).max()) if len(atoms) else 0.0}
                 if args.json:  # kept only when asked for: memory stays flat otherwise
                     record["forces"] = out["forces"].tolist()
-                results.append(record)
+                records.append(record)
                 if writer is not None:
                     writer.write(atoms)
+                    predicted += 1
+                    if ctx.distributed:  # rank 0 writes the output from the gathered batches
+                        frames.append(atoms)
+            outcomes.append((records, failures, frames))
+        return outcomes
+
+    results: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    done = False
+    try:
+        outcomes = sharding.run_share(work, batches, ctx)
+        if writer is not None:
+            writer.close()  # before waiting for the others: this rank's share is safe on disk
+        gathered = sharding.gather_in_order(outcomes, batches, ctx)
+        staged = sharding.partial_path(args.output, None) if ctx.distributed and ctx.is_main and args.output else None
+        final = ExtxyzWriter(staged, label=args.output) if staged is not None else None
+        try:
+            for _, (records, batch_failures, frames) in gathered:
+                results.extend(records)
+                failures.extend(batch_failures)
+                for atoms in frames if final is not None else ():
+                    final.write(atoms)
+        except BaseException:
+            if final is not None:  # the ranks keep their partial files: no half output
+                final.close()
+                staged.unlink(missing_ok=True)
+            raise
+        if final is not None:
+            final.close()
+            staged.replace(args.output)
         done = True
     finally:
         if writer is not None:
             writer.close()
-            if done:
+            if done and not ctx.distributed:
                 partial.replace(args.output)
-            elif results:  # interrupted: keep what was predicted, under its temporary name
-                print(f"scn predict: interrupted; the {len(results)} structures predicted so far are in {partial}",
+            elif not done and predicted:  # interrupted: keep what was predicted, under its temporary name
+                rank = f"rank {ctx.rank} of {ctx.world_size}: " if ctx.distributed else ""
+                print(f"scn predict: {rank}interrupted; the {predicted} structures predicted so far are in {partial}",
                       file=sys.stderr)
-            else:
+            elif not done:
                 partial.unlink(missing_ok=True)
-    elapsed = max(time.perf_counter() - start, 1e-9)
-
-    if not args.quiet:
-        print(f"{'#':>4} {'formula':<14} {'atoms':>5} {'energy / eV':>14} {'max|F| / eV/A':>14}")
-        for r in results:
-            print(f"{r['index']:>4} {r['formula']:<14} {r['natoms']:>5} {r['energy']:>14.6f} {r['max_force']:>14.6f}")
-        print(f"{len(results)} structures in {elapsed:.2f} s ({len(results) / elapsed:.1f} structures/s)")
-    if args.json:
-        write_json(args.json, {"checkpoint": str(checkpoint), "structures": str(structures), "predictions": results,
-                               "failures": failures})
-    if failures:
-        first = failures[0]
-        raise SystemExit(f"scn predict: {len(failures)} of {len(dataset)} structures failed (first: "
-                         f"{describe_failure(structures, first['index'], first['error'])}); the others were predicted")
-    return 0
+    if ctx.distributed and partial is not None:
+        sharding.barrier(ctx)  # rank 0 has written the output: the rank files can go
+        partial.unlink(missing_ok=True)
+    return results, failures
 
 
 def _single_point(atoms: Any, out: dict[str, Any]) -> Any:

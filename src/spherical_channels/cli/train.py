@@ -1,4 +1,4 @@
-"""``scn train``: train an SCN from a YAML configuration."""
+"""``scn train``: train a model (an SCN, a SchNet, ...) from a YAML configuration."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ examples:
   scn train configs/small/scn_demo.yaml --resume                 # continue an interrupted run
   scn train configs/small/scn_demo.yaml --overwrite              # start the run afresh
   scn train configs/small/scn_demo.yaml --set optim.max_epochs=50 --set run.output_dir=runs/long
+  scn train configs/small/schnet.yaml                            # the SchNet baseline, same data
   torchrun --nproc_per_node=4 $(which scn) train configs/paper/scn_4tap_2band.yaml   # 4 processes
 """
 
@@ -37,10 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``scn train``."""
     p = subparsers.add_parser(
         "train",
-        help="train an SCN from a YAML configuration",
+        help="train a model (SCN, SchNet) from a YAML configuration",
         description=(
-            "Train an SCN. CONFIG is a YAML file with model:, optim:, dataset: and run: sections "
-            "(the official SCN configs' model: and optim: sections are accepted as they are). "
+            "Train a model. CONFIG is a YAML file with model:, optim:, dataset: and run: sections; "
+            "model.name picks the model (scn, the default, or schnet; the official configs' model: "
+            "and optim: sections are accepted as they are). "
             "Checkpoints, logs (CSV, TensorBoard) and plots go to run.output_dir."
         ),
         epilog=EPILOG,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from .. import sharding
 from ..data.batch import AtomicBatch
 from ..models.scn import SCN
 from .metrics import (
@@ -22,14 +23,10 @@ from .metrics import (
     relaxed_energy_metrics,
 )
 
+if TYPE_CHECKING:
+    from ..training.distributed import DistributedContext
+
 __all__ = ["evaluate_s2ef", "evaluate_relaxations", "per_element_baseline", "s2ef_baseline"]
-
-
-def _batches(dataset: Sequence[Atoms], batch_size: int, limit: int | None) -> Any:
-    """``(index of the first structure, [structures])`` per batch."""
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    for start in range(0, count, batch_size):
-        yield start, [dataset[i] for i in range(start, min(count, start + batch_size))]
 
 
 def _batch(frames: list[Atoms], first: int, dtype: torch.dtype, device: str | torch.device) -> AtomicBatch:
@@ -71,12 +68,18 @@ def evaluate_s2ef(
     dtype: torch.dtype = torch.float32,
     max_structures: int | None = None,
     progress: bool = False,
+    ctx: DistributedContext | None = None,
 ) -> dict[str, float]:
     """S2EF metrics (:class:`~.metrics.S2EFMetrics`) of ``model`` on ``dataset`` (forces
     evaluated on free atoms). A structure may lack a reference energy or forces: each metric
     covers the structures that have what it needs, and the ``num_*_structures`` counts say
     how many that was (NaN metrics cover none). References are read in float64, whatever
     ``dtype`` the model runs in.
+
+    With ``ctx`` (a ``torchrun`` run), each rank evaluates its share of the batches
+    (:mod:`~spherical_channels.sharding`) and every rank returns the metrics of all of them:
+    the same batches as in one process, their sums added in the same order, so the same
+    numbers. An error on one rank is raised on every rank.
 
     Raises:
         ValueError: ``batch_size`` or ``max_structures`` below 1, a structure the model cannot
@@ -88,19 +91,28 @@ def evaluate_s2ef(
         raise ValueError(f"max_structures must be >= 1, got {max_structures}")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    metrics = S2EFMetrics()
-    batches = _batches(dataset, batch_size, max_structures)
-    if progress:
-        from tqdm import tqdm
+    count = len(dataset) if max_structures is None else min(max_structures, len(dataset))
+    starts = range(0, count, batch_size)
 
-        total = -(-min(len(dataset), max_structures or len(dataset)) // batch_size)
-        batches = tqdm(batches, total=total, desc="S2EF", unit="batch", leave=False)
-    for first, frames in batches:
-        targets = S2EFTargets.from_atoms(frames, first_index=first)
-        batch = _batch(frames, first, dtype, device)
-        prediction = model(batch)
-        _check_prediction(prediction, batch, first)
-        metrics.update(prediction, batch, targets=targets)
+    def work(mine: list[int]) -> list[torch.Tensor]:
+        """Each batch's sums (an accumulator of its own, so that they add up as in one pass)."""
+        sums = []
+        for b in sharding.progress(mine, ctx, desc="S2EF", unit="batch", leave=False, disable=not progress):
+            first = starts[b]
+            frames = [dataset[i] for i in range(first, min(count, first + batch_size))]
+            targets = S2EFTargets.from_atoms(frames, first_index=first)
+            batch = _batch(frames, first, dtype, device)
+            prediction = model(batch)
+            _check_prediction(prediction, batch, first)
+            one = S2EFMetrics()
+            one.update(prediction, batch, targets=targets)
+            sums.append(one.sums)
+        return sums
+
+    mine = sharding.run_share(work, len(starts), ctx)
+    metrics = S2EFMetrics()
+    for _, sums in sharding.gather_in_order(mine, len(starts), ctx, everywhere=True):
+        metrics.sums += sums
     return metrics.compute()
 
 
@@ -129,9 +141,9 @@ def s2ef_baseline(dataset: Sequence[Atoms], element_energies: dict[int, float], 
 
 
 def evaluate_relaxations(
-    calculator: Calculator,
+    calculator: Calculator | torch.nn.Module,
     initial: Sequence[Atoms],
-    optimizer: str = "BFGS",
+    optimizer: str | None = None,
     fmax: float = 0.05,
     steps: int = 200,
     reference_calculator: Callable[[], Calculator] | None = None,
@@ -139,8 +151,15 @@ def evaluate_relaxations(
     trajectory_dir: str | None = None,
     progress: bool = False,
     on_failure: Callable[[int, str], None] | None = None,
+    ctx: DistributedContext | None = None,
+    batch_atoms: int | None = None,
 ) -> dict[str, Any]:
     """Relax initial structures with the model; IS2RE and IS2RS metrics.
+
+    ``calculator`` is a model (``model(batch) -> {"energy", "forces"}``: the structures are
+    relaxed together by the batched engine, :func:`~spherical_channels.simulation.relax_many`,
+    at most ``batch_atoms`` atoms per call; ``optimizer`` FIRE or LBFGS, default LBFGS) or an
+    ASE calculator (one ASE optimiser per structure; default BFGS).
 
     Each structure of ``initial`` carries ``info["relaxed_energy"]`` (IS2RE target, eV)
     and/or an array ``relaxed_positions`` (IS2RS target). With ``reference_calculator`` (a
@@ -172,30 +191,46 @@ def evaluate_relaxations(
     ``afbt`` / ``num_afbt_structures`` with ``reference_calculator``: the true forces at the
     initial positions) compares the initial positions with the relaxed targets. Each group is
     present when the model's group is.
+
+    With ``ctx`` (a ``torchrun`` run), each rank relaxes its share of the structures
+    (:mod:`~spherical_channels.sharding`; ``on_failure`` is called on the rank that relaxed the
+    structure) and every rank returns the metrics of all of them, the records in input order.
     """
     if max_structures is not None and max_structures < 1:
         raise ValueError(f"max_structures must be >= 1, got {max_structures}")
     count = len(initial) if max_structures is None else min(max_structures, len(initial))
-    items = range(count)
-    if progress:
-        from tqdm import tqdm
 
-        items = tqdm(items, desc="relax", unit="structure", leave=False)
-    energies, targets, distances, true_forces, records = [], [], [], [], []
+    batched = isinstance(calculator, torch.nn.Module)
+    if optimizer is None:
+        optimizer = "LBFGS" if batched else "BFGS"
+
+    def fail(index: int, message: str) -> dict[str, Any]:
+        if on_failure is not None:
+            on_failure(index, message)
+        return {"index": index, "error": message}
+
+    def work(mine: list[int]) -> list[dict[str, Any]]:
+        if batched:
+            return _relax_batched(calculator, initial, mine, optimizer, fmax, steps, reference_calculator,
+                                  trajectory_dir, progress, fail, batch_atoms)
+        records = []
+        for index in sharding.progress(mine, ctx, desc="relax", unit="structure", leave=False, disable=not progress):
+            trajectory = f"{trajectory_dir}/{index:05d}.traj" if trajectory_dir else None
+            try:
+                records.append(_relax_one(initial[index], index, calculator, optimizer, fmax, steps,
+                                          reference_calculator, trajectory))
+            except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
+                records.append(fail(index, f"{type(err).__name__}: {err}"))
+        return records
+
+    mine = sharding.run_share(work, count, ctx)
+    records = [record for _, record in sharding.gather_in_order(mine, count, ctx, everywhere=True)]
+    energies, targets, distances, true_forces = [], [], [], []
     initial_energies, initial_distances, initial_forces = [], [], []
     adsorbate_distances, initial_adsorbate_distances = [], []
-    for index in items:
-        trajectory = f"{trajectory_dir}/{index:05d}.traj" if trajectory_dir else None
-        try:
-            record = _relax_one(initial[index], index, calculator, optimizer, fmax, steps, reference_calculator,
-                                trajectory)
-        except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
-            message = f"{type(err).__name__}: {err}"
-            records.append({"index": index, "error": message})
-            if on_failure is not None:
-                on_failure(index, message)
+    for record in records:
+        if "error" in record:
             continue
-        records.append(record)
         if "relaxed_energy" in record:
             energies.append(record["energy"])
             targets.append(record["relaxed_energy"])
@@ -250,19 +285,9 @@ def _is2rs_metrics(distances: list[float], adsorbate: list[float], true_forces: 
     return metrics
 
 
-def _relax_one(
-    atoms: Atoms,
-    index: int,
-    calculator: Calculator,
-    optimizer: str,
-    fmax: float,
-    steps: int,
-    reference_calculator: Callable[[], Calculator] | None,
-    trajectory: str | None,
-) -> dict[str, Any]:
-    """One structure's relaxation record (see :func:`evaluate_relaxations`)."""
-    from ..simulation.relax import max_free_force, relax
-
+def _targets(atoms: Atoms) -> tuple[float | None, np.ndarray | None]:
+    """``(relaxed_energy, relaxed_positions [N, 3])`` of ``atoms`` (None where absent); raises
+    ValueError for malformed targets."""
     reference_positions = None
     if "relaxed_positions" in atoms.arrays:
         reference_positions = np.asarray(atoms.arrays["relaxed_positions"], dtype=float)
@@ -274,6 +299,23 @@ def _relax_one(
         relaxed_energy = float(atoms.info["relaxed_energy"])
         if not np.isfinite(relaxed_energy):
             raise ValueError(f"non-finite relaxed_energy {atoms.info['relaxed_energy']!r}")
+    return relaxed_energy, reference_positions
+
+
+def _relax_one(
+    atoms: Atoms,
+    index: int,
+    calculator: Calculator,
+    optimizer: str,
+    fmax: float,
+    steps: int,
+    reference_calculator: Callable[[], Calculator] | None,
+    trajectory: str | None,
+) -> dict[str, Any]:
+    """One structure's relaxation record with an ASE optimiser (see :func:`evaluate_relaxations`)."""
+    from ..simulation.relax import relax
+
+    targets = _targets(atoms)
     # the model's energy at the initial positions (the unrelaxed IS2RE baseline); the optimiser's
     # first evaluation at the same positions then comes from the calculator's cache
     start = atoms.copy()
@@ -282,14 +324,33 @@ def _relax_one(
     if not np.isfinite(initial_energy):
         raise ValueError("the calculator returned a non-finite energy at the initial structure")
     result = relax(atoms, calculator, optimizer=optimizer, fmax=fmax, steps=steps, trajectory=trajectory)
-    record: dict[str, Any] = {"index": index, "converged": result.converged, "steps": result.steps,
-                              "energy": result.energy, "initial_energy": initial_energy}
+    return _relaxation_record(atoms, index, result.atoms, result.converged, result.steps, result.energy,
+                              initial_energy, targets, reference_calculator)
+
+
+def _relaxation_record(
+    atoms: Atoms,
+    index: int,
+    relaxed: Atoms,
+    converged: bool,
+    steps: int,
+    energy: float,
+    initial_energy: float,
+    targets: tuple[float | None, np.ndarray | None],
+    reference_calculator: Callable[[], Calculator] | None,
+) -> dict[str, Any]:
+    """The record of one finished relaxation of ``atoms`` (initial) to ``relaxed``."""
+    from ..simulation.relax import max_free_force
+
+    relaxed_energy, reference_positions = targets
+    record: dict[str, Any] = {"index": index, "converged": bool(converged), "steps": int(steps),
+                              "energy": float(energy), "initial_energy": float(initial_energy)}
     if relaxed_energy is not None:
         record["relaxed_energy"] = relaxed_energy
     if reference_positions is not None:
         free = ~_fixed_mask(atoms)
         adsorbate = free & (atoms.get_tags() == 2)
-        for prefix, positions in (("", result.atoms.positions), ("initial_", atoms.positions)):
+        for prefix, positions in (("", relaxed.positions), ("initial_", atoms.positions)):
             record[f"{prefix}mean_distance"] = _mean_distance(positions, reference_positions, free, atoms)
             if adsorbate.any():
                 record[f"{prefix}adsorbate_mean_distance"] = _mean_distance(positions, reference_positions, adsorbate,
@@ -301,7 +362,7 @@ def _relax_one(
         except Exception as err:  # noqa: BLE001 - e.g. EMT lacks an element: keep the relaxation
             record["reference_error"] = record["initial_reference_error"] = f"{type(err).__name__}: {err}"
         else:
-            for prefix, structure in (("", result.atoms), ("initial_", atoms)):
+            for prefix, structure in (("", relaxed), ("initial_", atoms)):
                 probe = structure.copy()
                 try:
                     probe.calc = reference
@@ -309,6 +370,92 @@ def _relax_one(
                 except Exception as err:  # noqa: BLE001 - e.g. EMT lacks an element: keep the relaxation
                     record[f"{prefix}reference_error"] = f"{type(err).__name__}: {err}"
     return record
+
+
+def _relax_batched(
+    model: torch.nn.Module,
+    initial: Sequence[Atoms],
+    mine: list[int],
+    optimizer: str,
+    fmax: float,
+    steps: int,
+    reference_calculator: Callable[[], Calculator] | None,
+    trajectory_dir: str | None,
+    progress: bool,
+    fail: Callable[[int, str], dict[str, Any]],
+    batch_atoms: int | None,
+) -> list[dict[str, Any]]:
+    """The records of ``mine`` relaxed by the batched engine, in the order of ``mine``."""
+    from ..simulation.engine import relax_many
+
+    records: dict[int, dict[str, Any]] = {}
+    entries: list[tuple[int, Atoms, tuple[float | None, np.ndarray | None]]] = []
+    for index in mine:
+        try:
+            atoms = initial[index]
+            entries.append((index, atoms, _targets(atoms)))
+        except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
+            records[index] = fail(index, f"{type(err).__name__}: {err}")
+    energies = _initial_energies(model, [atoms for _, atoms, _ in entries])
+    kept = []
+    for (index, atoms, targets), energy in zip(entries, energies):
+        if isinstance(energy, str):
+            records[index] = fail(index, energy)
+        else:
+            kept.append((index, atoms, targets, energy))
+    outcomes = relax_many(
+        [atoms for _, atoms, _, _ in kept], model, optimizer=optimizer, fmax=fmax, steps=steps,
+        max_atoms=batch_atoms, dtype=_model_dtype(model), progress=progress,
+        trajectories=[f"{trajectory_dir}/{index:05d}.traj" for index, *_ in kept] if trajectory_dir else None,
+    ) if kept else []
+    for (index, atoms, targets, energy), outcome in zip(kept, outcomes):
+        if outcome.error is not None:
+            records[index] = fail(index, outcome.error)
+            continue
+        try:
+            records[index] = _relaxation_record(atoms, index, outcome.atoms, outcome.converged, outcome.steps,
+                                                outcome.energy, energy, targets, reference_calculator)
+        except Exception as err:  # noqa: BLE001
+            records[index] = fail(index, f"{type(err).__name__}: {err}")
+    return [records[index] for index in mine]
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The precision of the model's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _initial_energies(model: torch.nn.Module, structures: list[Atoms], chunk: int = 16) -> list[float | str]:
+    """The model's energy of each structure at its initial positions (the unrelaxed IS2RE
+    baseline), a few structures per call; a structure whose energy cannot be had gets the
+    reason as a string."""
+    device = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
+    dtype = _model_dtype(model)
+    was_training = model.training
+    model.eval()
+    out: list[float | str] = []
+    try:
+        for start in range(0, len(structures), chunk):
+            group = structures[start:start + chunk]
+            try:
+                energies = model(AtomicBatch.from_atoms(group, dtype=dtype, device=device))["energy"]
+                values: list[float | str] = [float(e) for e in energies.detach().cpu().double()]
+            except Exception:  # noqa: BLE001 - find which structure it was
+                values = []
+                for atoms in group:
+                    try:
+                        values.append(float(model(AtomicBatch.from_atoms([atoms], dtype=dtype, device=device))
+                                            ["energy"][0].detach()))
+                    except Exception as err:  # noqa: BLE001
+                        values.append(f"{type(err).__name__}: {err}")
+            out.extend(v if isinstance(v, str) or np.isfinite(v) else
+                       "the model returned a non-finite energy at the initial structure" for v in values)
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _mean_distance(positions: np.ndarray, reference: np.ndarray, mask: np.ndarray, atoms: Atoms) -> float:

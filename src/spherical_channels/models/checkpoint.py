@@ -4,7 +4,8 @@ This package's checkpoints are dictionaries of plain values and tensors only, so
 ``torch.load(..., weights_only=True)`` and nothing else (no code from the file runs)::
 
     format          "spherical_channels/checkpoint-v1"
-    model_config    SCNConfig.to_dict()
+    model_name      the model's registry name ("scn", "schnet"; absent in older files: "scn")
+    model_config    the model's config.to_dict()
     state_dict      the model's weights (raw; with the normalisation buffers)
     ema_state_dict  exponential moving average of the weights, or None
     statistics      data statistics the model was trained with (DatasetStatistics.to_dict())
@@ -12,11 +13,13 @@ This package's checkpoints are dictionaries of plain values and tensors only, so
     trainer_state   optimiser, step, epoch, RNG states... (absent from exported models)
     metrics         validation metrics at save time
 
-Checkpoints of the official implementation (fairchem / OCP layout, e.g. the released OC20 SCN
-models) are read too. Most load with ``weights_only=True`` as well; those that pickle other
-Python objects (older trainers' files) can only be read by full unpickling, which runs code
-chosen by whoever wrote the file. That happens only with an explicit opt-in:
-``trust_pickle=True`` here, ``--trust-pickle`` on the command line, and a warning is shown.
+Checkpoints of the official implementations (fairchem / OCP layout, e.g. the released OC20 SCN
+and SchNet models) are read too: their ``config["model"]`` names the model, and the
+:mod:`.registry` entry that recognises the name converts them. Most load with
+``weights_only=True`` as well; those that pickle other Python objects (older trainers' files)
+can only be read by full unpickling, which runs code chosen by whoever wrote the file. That
+happens only with an explicit opt-in: ``trust_pickle=True`` here, ``--trust-pickle`` on the
+command line, and a warning is shown.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..security import OPT_IN_HINT, UntrustedPickleWarning
-from .config import ConfigError, SCNConfig
-from .fairchem import convert_official_checkpoint, is_official_checkpoint
-from .scn import SCN
+from .config import ConfigError
+from .fairchem import is_official_checkpoint, official_model_name
+from .registry import model_spec, official_spec, spec_of
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -43,6 +47,7 @@ __all__ = [
     "is_native_checkpoint",
     "remove_stale_temporaries",
     "load_model",
+    "model_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
 ]
@@ -159,6 +164,20 @@ def is_native_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return checkpoint.get("format") == CHECKPOINT_FORMAT
 
 
+def model_checkpoint(model: nn.Module, ema_state_dict: Mapping[str, torch.Tensor] | None = None, **fields: Any) -> dict[str, Any]:
+    """This package's checkpoint dictionary of a built ``model`` (any registered one): format,
+    model name, configuration and weights, plus ``fields`` (``statistics``, ``config``,
+    ``metrics``, ...). Write it with :func:`save_checkpoint`."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": spec_of(model).name,
+        "model_config": model.config.to_dict(),
+        "state_dict": model.state_dict(),
+        "ema_state_dict": ema_state_dict,
+        **fields,
+    }
+
+
 def load_model(
     source: str | Path | Mapping[str, Any],
     weights: str = "auto",
@@ -166,8 +185,9 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_pickle: bool = False,
     **overrides: Any,
-) -> SCN:
-    """An :class:`SCN` in eval mode from a checkpoint of this package or of the official code.
+) -> nn.Module:
+    """A model in eval mode (an :class:`~.scn.SCN`, :class:`~.schnet.SchNet`, ...: whichever
+    the checkpoint holds) from a checkpoint of this package or of the official code.
 
     Args:
         source: checkpoint path or the loaded dictionary (:func:`read_checkpoint`).
@@ -194,7 +214,7 @@ def load_model(
         else:
             keys = sorted(str(k) for k in checkpoint)[:8]
             raise CheckpointError(
-                f"neither this package's checkpoint format nor the official SCN layout "
+                f"neither this package's checkpoint format nor the official (fairchem/OCP) layout "
                 f"(top-level keys: {keys})"
             )
     except (CheckpointError, ConfigError, KeyError, ValueError, RuntimeError) as err:
@@ -203,11 +223,12 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _native_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> SCN:
+def _native_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> nn.Module:
     raw = checkpoint.get("model_config")
     if not isinstance(raw, Mapping):
         raise CheckpointError("this package's checkpoint without a 'model_config'")
-    model = SCN(SCNConfig.from_dict(raw).replace(**overrides))
+    spec = model_spec(checkpoint.get("model_name", "scn"))  # files from before SchNet hold an SCN
+    model = spec.model_class(spec.config_class.from_dict(raw).replace(**overrides))
     ema = checkpoint.get("ema_state_dict")
     if weights == "ema" and ema is None:
         raise CheckpointError("checkpoint has no EMA weights")
@@ -216,9 +237,10 @@ def _native_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mappin
     return model
 
 
-def _official_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> SCN:
-    official = convert_official_checkpoint(checkpoint, weights=weights, **overrides)
-    model = SCN(official.config)
+def _official_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapping[str, Any]) -> nn.Module:
+    spec = official_spec(official_model_name(checkpoint["config"]))
+    official = spec.convert_official(checkpoint, weights=weights, **overrides)
+    model = spec.model_class(official.config)
     if official.distance_offsets is not None and hasattr(model.distance_expansion, "set_offsets"):
         model.distance_expansion.set_offsets(official.distance_offsets)
     _load_weights(model, official.state_dict, allow_unused=False, buffers_from_model=True)
@@ -227,7 +249,7 @@ def _official_model(checkpoint: Mapping[str, Any], weights: str, overrides: Mapp
 
 
 def _load_weights(
-    model: SCN, state: Mapping[str, torch.Tensor], allow_unused: bool, buffers_from_model: bool = False
+    model: nn.Module, state: Mapping[str, torch.Tensor], allow_unused: bool, buffers_from_model: bool = False
 ) -> None:
     """Load ``state`` with errors that say which weights do not fit."""
     expected = model.state_dict()

@@ -1,8 +1,10 @@
-"""Converting checkpoints written by the official SCN implementation (fairchem / OCP trainers).
+"""Converting checkpoints written by the official SCN implementation (fairchem / OCP trainers),
+and what every official checkpoint shares (model name, attributes, normalisers, EMA weights).
 
 This module turns an official checkpoint dictionary into this package's pieces (configuration,
 state dict with native names, normalisation) without building a model: reading files and
-building models are :mod:`.checkpoint`'s job (``load_model``).
+building models are :mod:`.checkpoint`'s job (``load_model``); :mod:`.registry` says which
+converter reads which official model (SchNet's is :mod:`.fairchem_schnet`).
 
 Layout (the released OC20 SCN checkpoints): a dict with ``state_dict`` (keys prefixed
 ``module.``), ``config`` (``config["model"] == "scn"`` and ``config["model_attributes"]``, or the
@@ -24,7 +26,16 @@ import torch
 
 from .config import ConfigError, SCNConfig
 
-__all__ = ["OfficialModel", "convert_official_checkpoint", "is_official_checkpoint", "official_to_native_key"]
+__all__ = [
+    "OfficialModel",
+    "convert_official_checkpoint",
+    "is_official_checkpoint",
+    "official_attributes",
+    "official_model_name",
+    "official_normalization",
+    "official_to_native_key",
+    "select_weights",
+]
 
 # (official key pattern, native key template). Order matters only for readability.
 _KEY_RULES: list[tuple[str, str]] = [
@@ -76,7 +87,7 @@ class OfficialModel:
     """What an official checkpoint holds, in this package's terms.
 
     Attributes:
-        config: the model's configuration.
+        config: the model's configuration (an ``SCNConfig``, ``SchNetConfig``, ...).
         state_dict: parameters under native names (EMA weights when chosen).
         distance_offsets: the distance expansion's centres as stored (the official model uses
             them as they are: float32 even in a float64 run), or None.
@@ -84,7 +95,7 @@ class OfficialModel:
             "normalizers"), for ``SCN.set_normalization``.
     """
 
-    config: SCNConfig
+    config: Any
     state_dict: dict[str, torch.Tensor]
     distance_offsets: torch.Tensor | None
     normalization: dict[str, float]
@@ -95,7 +106,10 @@ def is_official_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return isinstance(checkpoint.get("state_dict"), Mapping) and isinstance(checkpoint.get("config"), Mapping)
 
 
-def _model_attributes(config: Mapping[str, Any]) -> dict[str, Any]:
+def official_attributes(config: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(model name, constructor arguments)`` of an official checkpoint's ``config``: the
+    released OC20 layout (``config["model"] = "scn"`` and ``config["model_attributes"]``) or
+    the newer one (``config["model"] = {"name": "scn", ...}``); the name may be None."""
     if "model_attributes" in config:
         name, attrs = config.get("model"), dict(config["model_attributes"])
     elif isinstance(config.get("model"), Mapping):
@@ -103,6 +117,16 @@ def _model_attributes(config: Mapping[str, Any]) -> dict[str, Any]:
         name = attrs.pop("name", None)
     else:
         raise ConfigError("checkpoint config has neither 'model_attributes' nor a 'model' section")
+    return (None if name is None else str(name)), attrs
+
+
+def official_model_name(config: Mapping[str, Any]) -> str | None:
+    """The model name an official checkpoint's ``config`` gives (``"scn"``, ``"schnet"``, ...)."""
+    return official_attributes(config)[0]
+
+
+def _model_attributes(config: Mapping[str, Any]) -> dict[str, Any]:
+    name, attrs = official_attributes(config)
     if name not in ("scn", "spherical_channel_network", None):
         raise ConfigError(f"checkpoint is for model {name!r}, not SCN")
     return attrs
@@ -112,6 +136,41 @@ def _scalar(value: Any, default: float) -> float:
     if value is None:
         return default
     return float(np.asarray(torch.as_tensor(value).double()).reshape(-1)[0])
+
+
+def official_normalization(checkpoint: Mapping[str, Any]) -> dict[str, float]:
+    """``energy_scale``, ``energy_shift``, ``force_scale`` from the official "normalizers"
+    (predictions are de-normalised as ``E * std + mean`` and ``F * grad_std``)."""
+    normalizers = checkpoint.get("normalizers") or {}
+    energy_norm = normalizers.get("target") or {}
+    force_norm = normalizers.get("grad_target") or {}
+    return {
+        "energy_scale": _scalar(energy_norm.get("std"), 1.0),
+        "energy_shift": _scalar(energy_norm.get("mean"), 0.0),
+        "force_scale": _scalar(force_norm.get("std"), 1.0),
+    }
+
+
+def select_weights(
+    checkpoint: Mapping[str, Any], loaded: dict[str, torch.Tensor], param_keys: list[str], weights: str
+) -> dict[str, torch.Tensor]:
+    """``loaded`` (native names) with the EMA weights put in when ``weights`` asks for them
+    (``"auto"``: when present; ``"ema"``: required; ``"raw"``: never). The official EMA holds
+    its tensors in the model's ``parameters()`` order, which ``param_keys`` gives."""
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+    ema = checkpoint.get("ema")
+    if weights == "ema" and not ema:
+        raise ValueError("checkpoint has no EMA weights")
+    if ema and weights in ("auto", "ema"):
+        shadow = ema["shadow_params"]
+        if len(shadow) != len(param_keys):
+            raise ValueError(f"EMA has {len(shadow)} tensors but the state dict {len(param_keys)} parameters")
+        for native, value in zip(param_keys, shadow):
+            if value.shape != loaded[native].shape:
+                raise ValueError(f"EMA tensor for {native!r} has shape {tuple(value.shape)}")
+            loaded[native] = value
+    return loaded
 
 
 def convert_official_checkpoint(
@@ -142,24 +201,5 @@ def convert_official_checkpoint(
         loaded[native] = value
         param_keys.append(native)
 
-    ema = checkpoint.get("ema")
-    if weights == "ema" and not ema:
-        raise ValueError("checkpoint has no EMA weights")
-    if ema and weights in ("auto", "ema"):
-        shadow = ema["shadow_params"]
-        if len(shadow) != len(param_keys):
-            raise ValueError(f"EMA has {len(shadow)} tensors but the state dict {len(param_keys)} parameters")
-        for native, value in zip(param_keys, shadow):
-            if value.shape != loaded[native].shape:
-                raise ValueError(f"EMA tensor for {native!r} has shape {tuple(value.shape)}")
-            loaded[native] = value
-
-    normalizers = checkpoint.get("normalizers") or {}
-    energy_norm = normalizers.get("target") or {}
-    force_norm = normalizers.get("grad_target") or {}
-    normalization = {
-        "energy_scale": _scalar(energy_norm.get("std"), 1.0),
-        "energy_shift": _scalar(energy_norm.get("mean"), 0.0),
-        "force_scale": _scalar(force_norm.get("std"), 1.0),
-    }
-    return OfficialModel(config, loaded, offsets, normalization)
+    loaded = select_weights(checkpoint, loaded, param_keys, weights)
+    return OfficialModel(config, loaded, offsets, official_normalization(checkpoint))

@@ -20,8 +20,10 @@ class SCNCalculator(Calculator):
     """Energies, forces and (energy-conserving models) stress from an SCN, the way ASE expects.
 
     Args:
-        model: a checkpoint path (this package's or an official OC20 SCN checkpoint) or an
-            :class:`~spherical_channels.models.SCN`.
+        model: a checkpoint path (this package's or an official OC20 SCN or SchNet checkpoint),
+            an :class:`~spherical_channels.models.SCN`, a :class:`~spherical_channels.models.SchNet`,
+            or any module with the same interface
+            (``model(batch, stress=...)``, attributes ``conservative`` and ``regress_forces``).
         device: torch device (``"cpu"``, ``"cuda"``, ...).
         dtype: ``torch.float32`` (default) or ``torch.float64``.
         rotation_average: average the prediction over this many random global rotations
@@ -44,7 +46,7 @@ class SCNCalculator(Calculator):
 
     def __init__(
         self,
-        model: SCN | str | Path,
+        model: SCN | torch.nn.Module | str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         rotation_average: int = 0,
@@ -56,7 +58,7 @@ class SCNCalculator(Calculator):
         super().__init__(**kwargs)
         if rotation_average < 0:
             raise ValueError(f"rotation_average must be >= 0, got {rotation_average}")
-        if isinstance(model, SCN):
+        if isinstance(model, torch.nn.Module):
             self.model = model.to(device=device, dtype=dtype)
         else:
             self.model = load_model(model, weights=weights, device=device, dtype=dtype, trust_pickle=trust_pickle)

@@ -1,10 +1,12 @@
 """Training configuration: YAML with ``model:``, ``optim:``, ``dataset:`` and ``run:`` sections.
 
-The ``model:`` and ``optim:`` sections of the official SCN configs (fairchem/OCP) are accepted
-as they are (``model.name: scn`` plus the constructor arguments; ``optim.lr_initial``,
-``lr_milestones``, ``warmup_steps``, ...). Keys the official trainer uses but that have no
-meaning here (``trainer:``, ``logger:``, ``includes:`` ...) are reported and ignored; a key
-that is misspelled is an error, not silently ignored.
+``model.name`` picks the model (``scn``, ``schnet``: any name of
+:mod:`spherical_channels.models.registry`; default ``scn``). The ``model:`` and ``optim:``
+sections of the official configs (fairchem/OCP) are accepted as they are (``model.name`` plus
+the constructor arguments; ``optim.lr_initial``, ``lr_milestones``, ``warmup_steps``, ...).
+Keys the official trainer uses but that have no meaning here (``trainer:``, ``logger:``,
+``includes:`` ...) are reported and ignored; a key that is misspelled is an error, not
+silently ignored.
 
 Example (the paper's recipe on the built-in data)::
 
@@ -161,6 +163,8 @@ class TrainConfig:
     val: DataSource | None = None
     run: RunConfig = field(default_factory=RunConfig)
     ignored: list[str] = field(default_factory=list)
+    #: the registry name of the model (``model.name``); ``model`` holds its other options
+    model_name: str = "scn"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-safe form (what checkpoints store)."""
@@ -168,7 +172,7 @@ class TrainConfig:
         if self.val is not None:
             dataset["val"] = dataclasses.asdict(self.val)
         return {
-            "model": {"name": "scn", **self.model},
+            "model": {"name": self.model_name, **self.model},
             "optim": dataclasses.asdict(self.optim),
             "dataset": dataset,
             "run": dataclasses.asdict(self.run),
@@ -184,14 +188,14 @@ class TrainConfig:
         unknown = set(raw) - {"model", "optim", "dataset", "run"}
         if unknown:
             raise ConfigError(f"unknown configuration sections {sorted(unknown)}; expected model, optim, dataset, run")
-        model = _parse_model(raw.get("model") or {})
+        model_name, model = _parse_model(raw.get("model") or {})
         optim_raw = dict(raw.get("optim") or {})
         ignored += [f"optim.{k}" for k in _IGNORED_OPTIM_KEYS if optim_raw.pop(k, None) is not None]
         optim = _build(OptimConfig, optim_raw, "optim")
         optim.validate()
         train, val = _parse_dataset(raw.get("dataset"), base_dir)
         run = _build(RunConfig, raw.get("run") or {}, "run")
-        return cls(model=model, optim=optim, train=train, val=val, run=run, ignored=ignored)
+        return cls(model=model, optim=optim, train=train, val=val, run=run, ignored=ignored, model_name=model_name)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -241,19 +245,24 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def _parse_model(model: dict[str, Any]) -> dict[str, Any]:
+def _parse_model(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(registry name, options)`` of a ``model:`` section, validated."""
     from ..models.config import ConfigError as ModelConfigError
-    from ..models.config import SCNConfig
+    from ..models.registry import model_names, model_spec
 
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping of options, got {model!r}")
     model = dict(model)
     name = model.pop("name", "scn")
-    if str(name).lower() not in ("scn", "spherical_channel_network"):
-        raise ConfigError(f"model.name must be 'scn', got {name!r}")
     try:
-        SCNConfig.from_official(model)  # validated here, so a bad option fails before any data is read
+        spec = model_spec(name)
+    except ModelConfigError:
+        raise ConfigError(f"model.name must be one of {list(model_names())}, got {name!r}") from None
+    try:
+        spec.config_class.from_official(model)  # validated here, so a bad option fails before any data is read
     except ModelConfigError as err:
         raise ConfigError(f"model: {err}") from None
-    return model
+    return spec.name, model
 
 
 def _parse_dataset(dataset: Any, base_dir: Path | None) -> tuple[DataSource, DataSource | None]:

@@ -27,8 +27,8 @@ from ..data.formats.common import DataError
 from ..data.neighbors import Graph
 from ..data.validation import StructureError
 from ..evaluation.metrics import S2EFMetrics
-from ..models.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
-from ..models.scn import SCN, SCNConfig
+from ..models.checkpoint import model_checkpoint, read_checkpoint, save_checkpoint
+from ..models.registry import model_spec
 from .callbacks import Callback, CallbackList, StepResult, StopRequest, default_callbacks
 from .config import ConfigError, TrainConfig
 from .data import GraphCollate, IndexedDataset, TrainingBatch, collate, locate_in_data_set, open_training_data
@@ -48,10 +48,11 @@ from .run import RunDirectory, RunDirectoryError
 from .schedule import learning_rate
 from .state import TrainState
 
-#: Model options a newly trained model gets unless its configuration says otherwise (official
+#: Options a newly trained SCN gets unless its configuration says otherwise (official
 #: checkpoints keep SCNConfig's defaults): the ZBL repulsion prior, which only acts at distances
 #: training data does not reach (well below bond lengths) and keeps atoms from collapsing there.
-NEW_MODEL_DEFAULTS = {"zbl": True}
+#: Each model's own are its registry entry's ``new_model_defaults`` (SchNet has none).
+NEW_MODEL_DEFAULTS = dict(model_spec("scn").new_model_defaults)
 
 __all__ = ["NEW_MODEL_DEFAULTS", "Trainer", "TrainingDiverged", "TrainingInterrupted", "collate", "open_training_data"]
 
@@ -65,7 +66,9 @@ _MAX_NAMED = 8
 
 
 class Trainer:
-    """Trains an SCN as ``config`` says (see :class:`~.config.TrainConfig`).
+    """Trains a model as ``config`` says (see :class:`~.config.TrainConfig`): whichever the
+    registry names ``config.model_name`` (an SCN, a SchNet, ...), with the same data, loss,
+    metrics and checkpoints.
 
     Args:
         config: the parsed configuration.
@@ -132,10 +135,12 @@ class Trainer:
         config, optim = self.config, self.config.optim
         checkpoint = read_checkpoint(self.run.last_checkpoint) if resume else None
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        model_options = {**NEW_MODEL_DEFAULTS, **config.model}
-        if checkpoint is not None and "zbl" not in checkpoint.get("model_config", {}):
-            model_options = dict(config.model)  # a run begun before the prior existed: without it
-        self.model = SCN(SCNConfig.from_official(model_options)).to(device=self.device, dtype=self.dtype)
+        self.model_spec = model_spec(config.model_name)
+        defaults = dict(self.model_spec.new_model_defaults)
+        if checkpoint is not None:  # a run begun before a default existed goes on without it
+            stored = checkpoint.get("model_config", {})
+            defaults = {k: v for k, v in defaults.items() if k in stored}
+        self.model = self.model_spec.build({**defaults, **config.model}).to(device=self.device, dtype=self.dtype)
         model_config = self.model.config
         max_z = model_config.max_num_elements - 1
         self.train_data = open_training_data(config.train, max_z, trust_pickle=self.trust_pickle)
@@ -604,16 +609,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, metrics: dict | None = None, trainer_state: bool = True) -> dict[str, Any]:
         """The run's state as a checkpoint dictionary (see :mod:`..models.checkpoint`)."""
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "package_version": __version__,
-            "model_config": self.model.config.to_dict(),
-            "state_dict": self.model.state_dict(),
-            "ema_state_dict": self.ema.shadow if self.ema is not None else None,
-            "statistics": self.statistics.to_dict(),
-            "config": self.config.to_dict(),
-            "metrics": metrics or {},
-        }
+        checkpoint = model_checkpoint(
+            self.model,
+            ema_state_dict=self.ema.shadow if self.ema is not None else None,
+            package_version=__version__,
+            statistics=self.statistics.to_dict(),
+            config=self.config.to_dict(),
+            metrics=metrics or {},
+        )
         if trainer_state:
             state = self.state.state_dict(self.device)
             state["rng"] = [r for rngs in all_gather_object(state["rng"], self.ctx) for r in rngs]
@@ -639,7 +642,10 @@ class Trainer:
         last = self.run.last_checkpoint
         if trainer is None:
             raise ConfigError(f"--resume: {last} has no trainer state (an exported model): cannot resume from it")
-        if SCNConfig.from_dict(checkpoint["model_config"]) != self.model.config:
+        stored_name = checkpoint.get("model_name", "scn")
+        if stored_name != self.model_spec.name:
+            raise ConfigError(f"--resume: the configuration's model is {self.model_spec.name!r}, the one in {last} {stored_name!r}")
+        if self.model_spec.config_class.from_dict(checkpoint["model_config"]) != self.model.config:
             raise ConfigError(f"--resume: the configuration's model differs from the one in {last}")
         if trainer["world_size"] != self.ctx.world_size:
             raise ConfigError(

@@ -1,0 +1,138 @@
+"""The configuration of a SchNet: one frozen, validated record per model (as :class:`SCNConfig`).
+
+:class:`SchNetConfig` holds every constructor argument of the official OC20 SchNet (fairchem's
+``SchNetWrap``: same names, same defaults) plus this package's additions. A model is built from
+it, exposes it read-only (``model.config``), and checkpoints store ``config.to_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from .config import ConfigError, _coerce
+
+__all__ = ["OFFICIAL_MAX_NEIGHBORS", "SCHNET_NUM_ELEMENTS", "SchNetConfig"]
+
+Readout = Literal["add", "sum", "mean"]
+NeighborTies = Literal["official", "shell"]
+
+#: The neighbour cap of the official SchNet: ``SchNetWrap`` sets ``self.max_neighbors = 50``
+#: in its constructor (not an argument), so every official checkpoint uses it.
+OFFICIAL_MAX_NEIGHBORS = 50
+#: Rows of the official element embedding (torch_geometric's SchNet: ``Embedding(100, ...)``):
+#: atomic numbers 1..99.
+SCHNET_NUM_ELEMENTS = 100
+
+#: Arguments of older official constructors that describe the data, not the model (the OCP
+#: trainer passed them positionally); :meth:`SchNetConfig.from_official` drops them.
+_OFFICIAL_DATA_ARGUMENTS = ("num_atoms", "bond_feat_dim", "num_targets")
+
+
+@dataclass(frozen=True)
+class SchNetConfig:
+    """Every option of a SchNet (official names and defaults first, then this package's).
+
+    Official options (fairchem ``SchNetWrap``): ``use_pbc``, ``use_pbc_single``,
+    ``regress_forces``, ``otf_graph``, ``hidden_channels`` (atom features), ``num_filters``
+    (width of the continuous filters), ``num_interactions``, ``num_gaussians`` (distance
+    expansion), ``cutoff`` (Å), ``readout`` (``"add"``/``"sum"``: energy = sum of atomic
+    energies; ``"mean"``: their mean). ``use_pbc_single`` and ``otf_graph`` are kept for
+    compatibility (the graph is always built by the model, one structure like another).
+    ``use_pbc=False`` treats every structure as a molecule (cells ignored), as the official
+    code does; its non-periodic graph (torch_geometric's ``radius_graph``, at most 32
+    neighbours chosen by the search) is not reproduced: here it is the same nearest-neighbour
+    graph as with periodicity.
+
+    Additions:
+        max_num_neighbors: the neighbour cap per atom: the official code hard-codes 50.
+        neighbor_ties: how distances tied at the cap are broken: ``"official"`` (the K
+            nearest; exact ties broken by the edge vector) or ``"shell"`` (a shell the cap
+            would cut is kept whole); see :mod:`spherical_channels.data.neighbors`.
+    """
+
+    use_pbc: bool = True
+    use_pbc_single: bool = False
+    regress_forces: bool = True
+    otf_graph: bool = False
+    hidden_channels: int = 128
+    num_filters: int = 128
+    num_interactions: int = 6
+    num_gaussians: int = 50
+    cutoff: float = 10.0
+    readout: Readout = "add"
+    max_num_neighbors: int = OFFICIAL_MAX_NEIGHBORS
+    neighbor_ties: NeighborTies = "official"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(what)
+
+        need(self.cutoff > 0, f"cutoff must be > 0 Å, got {self.cutoff}")
+        # the official readout halves the features before the last layer
+        need(self.hidden_channels >= 2, f"hidden_channels must be >= 2, got {self.hidden_channels}")
+        need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
+        need(self.num_interactions >= 1, f"num_interactions must be >= 1, got {self.num_interactions}")
+        # the Gaussians' width is the spacing of their centres: it needs two of them
+        need(self.num_gaussians >= 2, f"num_gaussians must be >= 2, got {self.num_gaussians}")
+        need(self.max_num_neighbors >= 1, f"max_num_neighbors must be >= 1, got {self.max_num_neighbors}")
+
+    @property
+    def max_num_elements(self) -> int:
+        """Size of the element table (atomic numbers ``1..max_num_elements - 1``)."""
+        return SCHNET_NUM_ELEMENTS
+
+    @property
+    def neighbor_cap(self) -> int:
+        """The neighbour cap the radius graph uses."""
+        return self.max_num_neighbors
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (stored in checkpoints, written to YAML)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SchNetConfig":
+        """A config from this package's keys; unknown keys are an error naming them."""
+        values = dict(values)
+        unknown = set(values) - cls.option_names()
+        if unknown:
+            raise ConfigError(f"unknown SchNet options {sorted(unknown)}; known: {sorted(cls.option_names())}")
+        return cls(**values)
+
+    @classmethod
+    def from_official(cls, attributes: Mapping[str, Any]) -> "SchNetConfig":
+        """A config from an official ``model_attributes`` dict (or a ``model:`` section with a
+        ``name``): the data arguments older OCP trainers passed (``num_atoms``, ...) are dropped."""
+        values = {k: v for k, v in attributes.items() if k not in _OFFICIAL_DATA_ARGUMENTS}
+        name = values.pop("name", "schnet")
+        if str(name).lower() != "schnet":
+            raise ConfigError(f"configuration is for model {name!r}, not SchNet")
+        return cls.from_dict(values)
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Names of every option."""
+        names = cls.__dict__.get("_option_names")
+        if names is None:
+            names = frozenset(f.name for f in fields(cls))
+            type.__setattr__(cls, "_option_names", names)
+        return names
+
+    def replace(self, **changes: Any) -> "SchNetConfig":
+        """A copy with ``changes`` (validated again)."""
+        unknown = set(changes) - self.option_names()
+        if unknown:
+            raise ConfigError(f"unknown SchNet options {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
