@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-__all__ = ["ConfigError", "SCNConfig", "RUNTIME_OPTIONS", "UNCAPPED"]
+__all__ = ["ConfigError", "ModelConfig", "SCNConfig", "RUNTIME_OPTIONS", "UNCAPPED"]
 
 Roll = Literal["random", "fixed"]
 DistanceFunction = Literal["gaussian", "sigmoid", "linearsigmoid", "silu"]
@@ -37,8 +37,70 @@ class ConfigError(ValueError):
     """A model configuration that cannot be built (the message names the option)."""
 
 
+class ModelConfig:
+    """What every model's frozen configuration record shares (a base of frozen dataclasses).
+
+    A subclass is a ``@dataclass(frozen=True)`` of options with type hints and defaults, sets
+    ``LABEL`` (the name in messages) and ``OFFICIAL_NAMES`` (``model:`` names it answers to,
+    the first is the default), and may add range checks in ``_check_ranges``. Values are
+    coerced to their hints on construction (ints for floats, integral floats for ints, as YAML
+    and JSON give them); anything else is a :class:`ConfigError` naming the option.
+    """
+
+    LABEL: typing.ClassVar[str] = "model"
+    OFFICIAL_NAMES: typing.ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Raise :class:`ConfigError` for values outside their range (none by default)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (stored in checkpoints, written to YAML)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):  # noqa: ANN206 - the subclass
+        """A config from this package's keys; unknown keys are an error naming them."""
+        values = dict(values)
+        unknown = set(values) - cls.option_names()
+        if unknown:
+            raise ConfigError(f"unknown {cls.LABEL} options {sorted(unknown)}; known: {sorted(cls.option_names())}")
+        return cls(**values)
+
+    @classmethod
+    def from_official(cls, attributes: Mapping[str, Any]):  # noqa: ANN206 - the subclass
+        """A config from an official ``model_attributes`` dict (or a ``model:`` section with a
+        ``name``): the data arguments the OCP trainer passes (``num_atoms``, ...) are dropped."""
+        values = {k: v for k, v in attributes.items() if k not in _OFFICIAL_DATA_ARGUMENTS}
+        name = values.pop("name", cls.OFFICIAL_NAMES[0])
+        if str(name).lower() not in cls.OFFICIAL_NAMES:
+            raise ConfigError(f"configuration is for model {name!r}, not {cls.LABEL}")
+        return cls.from_dict(values)
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Names of every option (computed once: models' attribute lookups ask often)."""
+        names = cls.__dict__.get("_option_names")
+        if names is None:
+            names = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+            type.__setattr__(cls, "_option_names", names)
+        return names
+
+    def replace(self, **changes: Any):  # noqa: ANN201 - the subclass
+        """A copy with ``changes`` (validated again)."""
+        unknown = set(changes) - self.option_names()
+        if unknown:
+            raise ConfigError(f"unknown {self.LABEL} options {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True)
-class SCNConfig:
+class SCNConfig(ModelConfig):
     """Every option of an SCN (official names and defaults first, then this package's).
 
     Official options (fairchem ``SCN``): ``use_pbc``, ``use_pbc_single``, ``regress_forces``,
@@ -112,12 +174,8 @@ class SCNConfig:
     zbl: bool = False
     zbl_radius_scale: float = 0.6
 
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
-        self._check_ranges()
+    LABEL: typing.ClassVar[str] = "SCN"
+    OFFICIAL_NAMES: typing.ClassVar[tuple[str, ...]] = ("scn", "spherical_channel_network")
 
     def _check_ranges(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -163,46 +221,6 @@ class SCNConfig:
         """The neighbour cap the radius graph uses: ``max_num_neighbors``, or none (a bound no
         structure reaches) for the smooth variant."""
         return UNCAPPED if self.smooth else self.max_num_neighbors
-
-    # ------------------------------------------------------------------ conversion
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values only (stored in checkpoints, written to YAML)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SCNConfig":
-        """A config from this package's keys; unknown keys are an error naming them."""
-        values = dict(values)
-        unknown = set(values) - cls.option_names()
-        if unknown:
-            raise ConfigError(f"unknown SCN options {sorted(unknown)}; known: {sorted(cls.option_names())}")
-        return cls(**values)
-
-    @classmethod
-    def from_official(cls, attributes: Mapping[str, Any]) -> "SCNConfig":
-        """A config from an official ``model_attributes`` dict (or a ``model:`` section with a
-        ``name``): the data arguments the OCP trainer passes (``num_atoms``, ...) are dropped."""
-        values = {k: v for k, v in attributes.items() if k not in _OFFICIAL_DATA_ARGUMENTS}
-        name = values.pop("name", "scn")
-        if name not in ("scn", "spherical_channel_network"):
-            raise ConfigError(f"configuration is for model {name!r}, not SCN")
-        return cls.from_dict(values)
-
-    @classmethod
-    def option_names(cls) -> frozenset[str]:
-        """Names of every option (computed once: the model's attribute lookup asks often)."""
-        names = cls.__dict__.get("_option_names")
-        if names is None:
-            names = frozenset(f.name for f in fields(cls))
-            type.__setattr__(cls, "_option_names", names)
-        return names
-
-    def replace(self, **changes: Any) -> "SCNConfig":
-        """A copy with ``changes`` (validated again)."""
-        unknown = set(changes) - self.option_names()
-        if unknown:
-            raise ConfigError(f"unknown SCN options {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

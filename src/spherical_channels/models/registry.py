@@ -23,6 +23,9 @@ from .fairchem import OfficialModel, convert_official_checkpoint
 from .fairchem_schnet import convert_official_schnet_checkpoint
 from .schnet import SchNet, SchNetConfig
 from .scn import SCN
+from .spinconv import SpinConv
+from .spinconv_config import SpinConvConfig
+from .spinconv_official import convert_official_spinconv_checkpoint
 
 __all__ = [
     "ModelSpec",
@@ -143,4 +146,15 @@ register_model(ModelSpec(
     convert_official=convert_official_schnet_checkpoint,
     official_names=("schnet",),
     description="SchNet (Schütt et al. 2017), the OC20 baseline",
+))
+register_model(ModelSpec(
+    name="spinconv",
+    model_class=SpinConv,
+    config_class=SpinConvConfig,
+    convert_official=convert_official_spinconv_checkpoint,
+    official_names=("spinconv",),
+    # new models: energy-centric forces as the true -dE/dx, and force frames that do not depend
+    # on atom order (official checkpoints keep the official behaviour)
+    new_model_defaults={"exact_gradient": True, "eval_force_rotations": "fixed_shared"},
+    description="SpinConv (Shuaibi et al. 2021), the OC20 baseline",
 ))

@@ -7,13 +7,11 @@ it, exposes it read-only (``model.config``), and checkpoints store ``config.to_d
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-from .config import ConfigError, _coerce
+from .config import ConfigError, ModelConfig
 
 __all__ = ["OFFICIAL_MAX_NEIGHBORS", "SCHNET_NUM_ELEMENTS", "SchNetConfig"]
 
@@ -27,13 +25,9 @@ OFFICIAL_MAX_NEIGHBORS = 50
 #: atomic numbers 1..99.
 SCHNET_NUM_ELEMENTS = 100
 
-#: Arguments of older official constructors that describe the data, not the model (the OCP
-#: trainer passed them positionally); :meth:`SchNetConfig.from_official` drops them.
-_OFFICIAL_DATA_ARGUMENTS = ("num_atoms", "bond_feat_dim", "num_targets")
-
 
 @dataclass(frozen=True)
-class SchNetConfig:
+class SchNetConfig(ModelConfig):
     """Every option of a SchNet (official names and defaults first, then this package's).
 
     Official options (fairchem ``SchNetWrap``): ``use_pbc``, ``use_pbc_single``,
@@ -67,11 +61,8 @@ class SchNetConfig:
     max_num_neighbors: int = OFFICIAL_MAX_NEIGHBORS
     neighbor_ties: NeighborTies = "official"
 
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        self._check_ranges()
+    LABEL: typing.ClassVar[str] = "SchNet"
+    OFFICIAL_NAMES: typing.ClassVar[tuple[str, ...]] = ("schnet",)
 
     def _check_ranges(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -96,43 +87,3 @@ class SchNetConfig:
     def neighbor_cap(self) -> int:
         """The neighbour cap the radius graph uses."""
         return self.max_num_neighbors
-
-    # ------------------------------------------------------------------ conversion
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values only (stored in checkpoints, written to YAML)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SchNetConfig":
-        """A config from this package's keys; unknown keys are an error naming them."""
-        values = dict(values)
-        unknown = set(values) - cls.option_names()
-        if unknown:
-            raise ConfigError(f"unknown SchNet options {sorted(unknown)}; known: {sorted(cls.option_names())}")
-        return cls(**values)
-
-    @classmethod
-    def from_official(cls, attributes: Mapping[str, Any]) -> "SchNetConfig":
-        """A config from an official ``model_attributes`` dict (or a ``model:`` section with a
-        ``name``): the data arguments older OCP trainers passed (``num_atoms``, ...) are dropped."""
-        values = {k: v for k, v in attributes.items() if k not in _OFFICIAL_DATA_ARGUMENTS}
-        name = values.pop("name", "schnet")
-        if str(name).lower() != "schnet":
-            raise ConfigError(f"configuration is for model {name!r}, not SchNet")
-        return cls.from_dict(values)
-
-    @classmethod
-    def option_names(cls) -> frozenset[str]:
-        """Names of every option."""
-        names = cls.__dict__.get("_option_names")
-        if names is None:
-            names = frozenset(f.name for f in fields(cls))
-            type.__setattr__(cls, "_option_names", names)
-        return names
-
-    def replace(self, **changes: Any) -> "SchNetConfig":
-        """A copy with ``changes`` (validated again)."""
-        unknown = set(changes) - self.option_names()
-        if unknown:
-            raise ConfigError(f"unknown SchNet options {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
