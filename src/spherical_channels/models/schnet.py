@@ -33,6 +33,7 @@ from ..data.batch import AtomicBatch
 from ..data.neighbors import Graph, build_graph, edge_vectors
 from ..data.validation import validate_batch
 from .ops import no_autocast
+from .normalization import check_finite_scalars, element_energy_table
 from .response import compute_response
 from .schnet_config import SchNetConfig
 
@@ -199,28 +200,15 @@ class SchNet(nn.Module):
             element_energies: per-element reference energies ``{Z: eV}`` or a
                 ``[max_num_elements]`` tensor; ``None`` means zero.
         """
-        for name, value in (("energy_scale", energy_scale), ("energy_shift", energy_shift)):
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-            getattr(self, name).fill_(value)
+        check_finite_scalars(energy_scale=energy_scale, energy_shift=energy_shift)
         if force_scale is not None and not math.isclose(float(force_scale), float(energy_scale), rel_tol=1e-6):
             raise ValueError(
                 f"SchNet's forces are -dE/dx, so they scale with the energy: force_scale ({force_scale}) must "
                 f"equal energy_scale ({energy_scale})"
             )
-        table = torch.zeros_like(self.element_energies)
-        if isinstance(element_energies, torch.Tensor):
-            if element_energies.shape != table.shape:
-                raise ValueError(f"element_energies must have shape {tuple(table.shape)}, got {tuple(element_energies.shape)}")
-            table.copy_(element_energies)
-        elif element_energies:
-            for z, energy in element_energies.items():
-                if not 0 <= int(z) < table.shape[0]:
-                    raise ValueError(f"element_energies: atomic number {z} outside this model's table 0..{table.shape[0] - 1}")
-                table[int(z)] = float(energy)
-        if not bool(torch.isfinite(table).all()):
-            raise ValueError("element_energies must be finite")
+        table = element_energy_table(element_energies, like=self.element_energies)
+        self.energy_scale.fill_(float(energy_scale))
+        self.energy_shift.fill_(float(energy_shift))
         self.element_energies.copy_(table)
 
     # ------------------------------------------------------------------ geometry

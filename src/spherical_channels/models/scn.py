@@ -9,7 +9,6 @@ structure and forces per atom (direct, or ``-dE/dx`` by autograd).
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from .blocks import InteractionBlock, OutputMLP, SphereSampler
 from .config import RUNTIME_OPTIONS, ConfigError, SCNConfig
 from .ops import no_autocast
 from .repulsion import ZBLRepulsion
+from .normalization import check_finite_scalars, element_energy_table
 from .response import compute_response
 from .smooth import smooth_edge_copies
 
@@ -186,23 +186,10 @@ class SCN(nn.Module):
             element_energies: per-element reference energies ``{Z: eV}`` or a
                 ``[max_num_elements]`` tensor; ``None`` means zero.
         """
+        check_finite_scalars(energy_scale=energy_scale, energy_shift=energy_shift, force_scale=force_scale)
+        table = element_energy_table(element_energies, like=self.element_energies)
         for name, value in (("energy_scale", energy_scale), ("energy_shift", energy_shift), ("force_scale", force_scale)):
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-            getattr(self, name).fill_(value)
-        table = torch.zeros_like(self.element_energies)
-        if isinstance(element_energies, torch.Tensor):
-            if element_energies.shape != table.shape:
-                raise ValueError(f"element_energies must have shape {tuple(table.shape)}, got {tuple(element_energies.shape)}")
-            table.copy_(element_energies)
-        elif element_energies:
-            for z, energy in element_energies.items():
-                if not 0 <= int(z) < table.shape[0]:
-                    raise ValueError(f"element_energies: atomic number {z} outside this model's table 0..{table.shape[0] - 1}")
-                table[int(z)] = float(energy)
-        if not bool(torch.isfinite(table).all()):
-            raise ValueError("element_energies must be finite")
+            getattr(self, name).fill_(float(value))
         self.element_energies.copy_(table)
 
     # ------------------------------------------------------------------ geometry

@@ -43,6 +43,7 @@ from ..data.neighbors import Graph, build_graph, edge_vectors
 from ..data.validation import StructureError, located_message, validate_batch
 from .config import ConfigError
 from .ops import no_autocast
+from .normalization import check_finite_scalars, element_energy_table
 from .response import compute_response
 from .spinconv_blocks import EdgeDistanceEmbedding, ElementMixingMLP, ForceBlock, GaussianBasis, MessageBlock
 from .spinconv_config import RUNTIME_OPTIONS, SpinConvConfig
@@ -202,26 +203,13 @@ class SpinConv(nn.Module):
                 ``[max_num_elements]`` tensor; ``None`` means zero.
         """
         force_scale = energy_scale if force_scale is None else force_scale
-        for name, value in (("energy_scale", energy_scale), ("energy_shift", energy_shift), ("force_scale", force_scale)):
-            if not math.isfinite(float(value)):
-                raise ValueError(f"{name} must be finite, got {value}")
+        check_finite_scalars(energy_scale=energy_scale, energy_shift=energy_shift, force_scale=force_scale)
         if self.conservative and not math.isclose(float(force_scale), float(energy_scale), rel_tol=1e-6):
             raise ValueError(
                 f"this SpinConv's forces are -dE/dx (exact_gradient), so they scale with the energy: force_scale "
                 f"({force_scale}) must equal energy_scale ({energy_scale})"
             )
-        table = torch.zeros_like(self.element_energies)
-        if isinstance(element_energies, torch.Tensor):
-            if element_energies.shape != table.shape:
-                raise ValueError(f"element_energies must have shape {tuple(table.shape)}, got {tuple(element_energies.shape)}")
-            table.copy_(element_energies)
-        elif element_energies:
-            for z, energy in element_energies.items():
-                if not 0 <= int(z) < table.shape[0]:
-                    raise ValueError(f"element_energies: atomic number {z} outside this model's table 0..{table.shape[0] - 1}")
-                table[int(z)] = float(energy)
-        if not bool(torch.isfinite(table).all()):
-            raise ValueError("element_energies must be finite")
+        table = element_energy_table(element_energies, like=self.element_energies)
         self.energy_scale.fill_(float(energy_scale))
         self.energy_shift.fill_(float(energy_shift))
         self.force_scale.fill_(float(force_scale))
