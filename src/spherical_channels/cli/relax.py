@@ -221,8 +221,10 @@ def _relax_all(args: argparse.Namespace, structures: Any, calculator: Any, ctx: 
         outcomes = sharding.run_share(work, len(structures), ctx)
         writer.close()  # before waiting for the others: this rank's share is safe on disk
         if not ctx.distributed:
-            records.sort(key=lambda r: r["index"])  # the batched engine finishes out of order
-            _put_in_input_order(partial)
+            # the batched engine finishes out of order; the file holds one frame per record
+            # without an error, in the order of the records
+            _put_in_input_order(partial, [r["index"] for r in records if "error" not in r])
+            records.sort(key=lambda r: r["index"])
             interrupted = False
             return records
         results = _write_in_order(args.output, sharding.gather_in_order(outcomes, len(structures), ctx), ctx)
@@ -246,17 +248,15 @@ def _relax_all(args: argparse.Namespace, structures: Any, calculator: Any, ctx: 
                       f"relaxed are in {args.output}, the summary in {summary}", file=sys.stderr)
 
 
-def _put_in_input_order(path: Path) -> None:
-    """Rewrite the relaxed structures in ``path`` in input order (``info["source_index"]``)
-    if they are not already: the frames' bytes are moved as they are, and the file is replaced
-    only once the sorted copy is complete."""
-    from ..data.formats.extxyz import ExtxyzReader
+def _put_in_input_order(path: Path, order: list[int]) -> None:
+    """Rewrite the relaxed structures in ``path``, whose frames are the inputs ``order``, in
+    input order if they are not already: the frames' bytes are moved as they are, and the file
+    is replaced only once the sorted copy is complete."""
+    from ..data.formats.extxyz import index_frames
 
-    reader = ExtxyzReader(path)
-    order = [int(reader.read(k).info["source_index"]) for k in range(len(reader))]
     if order == sorted(order):
         return
-    offsets = reader._offsets
+    offsets = index_frames(path)
     staged = path.with_name(path.name + ".sorted")
     with open(path, "rb") as source, open(staged, "wb") as target:
         for k in sorted(range(len(order)), key=order.__getitem__):
