@@ -386,7 +386,7 @@ def _relax_batched(
     batch_atoms: int | None,
 ) -> list[dict[str, Any]]:
     """The records of ``mine`` relaxed by the batched engine, in the order of ``mine``."""
-    from ..simulation.engine import relax_many
+    from ..simulation.engine import model_dtype_device, relax_many
 
     records: dict[int, dict[str, Any]] = {}
     entries: list[tuple[int, Atoms, tuple[float | None, np.ndarray | None]]] = []
@@ -405,7 +405,7 @@ def _relax_batched(
             kept.append((index, atoms, targets, energy))
     outcomes = relax_many(
         [atoms for _, atoms, _, _ in kept], model, optimizer=optimizer, fmax=fmax, steps=steps,
-        max_atoms=batch_atoms, dtype=_model_dtype(model), progress=progress,
+        max_atoms=batch_atoms, dtype=model_dtype_device(model)[0], progress=progress,
         trajectories=[f"{trajectory_dir}/{index:05d}.traj" for index, *_ in kept] if trajectory_dir else None,
     ) if kept else []
     for (index, atoms, targets, energy), outcome in zip(kept, outcomes):
@@ -420,20 +420,13 @@ def _relax_batched(
     return [records[index] for index in mine]
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The precision of the model's first floating-point parameter or buffer (float32 if none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
 def _initial_energies(model: torch.nn.Module, structures: list[Atoms], chunk: int = 16) -> list[float | str]:
     """The model's energy of each structure at its initial positions (the unrelaxed IS2RE
     baseline), a few structures per call; a structure whose energy cannot be had gets the
     reason as a string."""
-    device = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
-    dtype = _model_dtype(model)
+    from ..simulation.engine import model_dtype_device
+
+    dtype, device = model_dtype_device(model)
     was_training = model.training
     model.eval()
     out: list[float | str] = []

@@ -146,7 +146,7 @@ def relax_many(
     structures = list(structures)
     _check_arguments(structures, model, fmax, steps, max_atoms, max_structures, cell)
     opt = make_optimizer(optimizer, optimizer_options, history_limit=int(steps))
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_dtype_device(model)[1] if device is None else torch.device(device)
     paths: Optional[list[Path]] = None
     if isinstance(trajectories, (str, os.PathLike)):
         folder = Path(trajectories)
@@ -200,11 +200,15 @@ def _check_arguments(
                 )
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's first parameter or buffer lives (the CPU if it has none)."""
+def model_dtype_device(
+    model: torch.nn.Module, default_dtype: torch.dtype = torch.float32
+) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's first floating-point parameter or buffer
+    (``default_dtype`` on the CPU for a model that has none)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return default_dtype, torch.device("cpu")
 
 
 def _one_line(err: BaseException) -> str:

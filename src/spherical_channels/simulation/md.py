@@ -57,6 +57,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
 from ..data.batch import AtomicBatch
+from .engine import model_dtype_device
 
 __all__ = [
     "DIRECT_FORCES_MESSAGE",
@@ -257,15 +258,6 @@ def _warn_if_direct(model: Any) -> None:
         warnings.warn(DIRECT_FORCES_MESSAGE, DirectForcesWarning, stacklevel=3)
 
 
-def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The float dtype and device of the model's parameters or buffers (float64 on the CPU for
-    a model that has none, like the analytic test potentials)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return torch.float64, torch.device("cpu")
-
-
 class _Log:
     """One run's log: in memory, and line by line (flushed) to a file if one is given."""
 
@@ -376,7 +368,7 @@ def run_md(
     if isinstance(calculator_or_model, torch.nn.Module):
         from .calculator import SCNCalculator
 
-        dtype, device = _model_dtype_device(calculator_or_model)
+        dtype, device = model_dtype_device(calculator_or_model, torch.float64)
         calculator = SCNCalculator(calculator_or_model, device=device, dtype=dtype)
     else:
         calculator = calculator_or_model
@@ -541,7 +533,7 @@ def md_many(
                              "run it with run_md (ASE's integrators)")
     _warn_if_direct(model)
     model.eval()
-    dtype, device = _model_dtype_device(model)
+    dtype, device = model_dtype_device(model, torch.float64)
 
     runs: list[_Run] = []
     try:
