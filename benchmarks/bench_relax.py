@@ -3,7 +3,7 @@
     python benchmarks/bench_relax.py --data DIR (scn data generate DIR --size small)
         [--checkpoint best.pt | --config configs/small/scn_small_conservative.yaml]
         [--structures 200] [--optimizer LBFGS] [--fmax 0.05] [--steps 200] [--threads 1]
-        [--device cpu|cuda] [--engines batched,ase] [--batch-atoms N]
+        [--device cpu|cuda] [--engines batched,ase] [--batch-atoms N] [--chunk 50]
 
 Relaxes the same IS2RS structures (the ``is2re/*.extxyz`` files of generated data, in split
 order) with the same model, optimiser and settings through
@@ -14,6 +14,10 @@ structures (the unrelaxed IS2RE baseline). Prints one JSON line per engine: stru
 second, atom-steps per second (sum of atoms x optimiser steps over the wall time), mean
 steps, converged fraction and the IS2RS/IS2RE metrics with the unrelaxed rows, then one line
 with the speed ratios. Without ``--checkpoint`` the model has random weights (seeded).
+
+The engines take turns on chunks of ``--chunk`` structures (A B, then B A, ...), so that a
+shared machine's changing load falls on both alike; the batched engine refills its batch only
+within a chunk, which costs it a little at each chunk's tail.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from ase.calculators.emt import EMT
 
 from spherical_channels.data.formats.extxyz import ExtxyzReader
-from spherical_channels.evaluation.evaluate import evaluate_relaxations
+from spherical_channels.evaluation.evaluate import evaluate_relaxations, relaxation_metrics
 from spherical_channels.models.checkpoint import load_model
 from spherical_channels.models.scn import SCN
 from spherical_channels.simulation import SCNCalculator
@@ -70,6 +74,7 @@ def main() -> None:
     p.add_argument("--engines", default="batched,ase", help="comma-separated, run in this order")
     p.add_argument("--batch-atoms", type=int, default=None)
     p.add_argument("--no-reference", action="store_true", help="skip the EMT forces for AFbT")
+    p.add_argument("--chunk", type=int, default=50, help="structures per turn of each engine (0: all at once)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -81,22 +86,34 @@ def main() -> None:
     structures = _structures(args.data, args.structures)
     atoms = sum(len(a) for a in structures)
     reference = None if args.no_reference else EMT
+    engines = args.engines.split(",")
+    calculators = {e: model if e == "batched" else SCNCalculator(model, device=args.device) for e in engines}
+    chunk = args.chunk if args.chunk > 0 else len(structures)
+    seconds = dict.fromkeys(engines, 0.0)
+    records: dict[str, list] = {e: [] for e in engines}
+    for turn, start in enumerate(range(0, len(structures), chunk)):
+        part = structures[start:start + chunk]
+        for engine in engines if turn % 2 == 0 else engines[::-1]:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            out = evaluate_relaxations(calculators[engine], part, args.optimizer, args.fmax, args.steps,
+                                       reference_calculator=reference, progress=True, batch_atoms=args.batch_atoms)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[engine] += time.perf_counter() - began
+            records[engine].extend({**r, "index": r["index"] + start} for r in out["relaxations"])
     rows = {}
-    for engine in args.engines.split(","):
-        calculator = model if engine == "batched" else SCNCalculator(model, device=args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = evaluate_relaxations(calculator, structures, args.optimizer, args.fmax, args.steps,
-                                   reference_calculator=reference, progress=True, batch_atoms=args.batch_atoms)
-        seconds = time.perf_counter() - start
+    for engine in engines:
+        out = relaxation_metrics(records[engine])
         done = [r for r in out["relaxations"] if "error" not in r]
         atom_steps = sum(len(structures[r["index"]]) * r["steps"] for r in done)
         rows[engine] = {
             "engine": engine, "optimizer": args.optimizer, "device": args.device, "threads": args.threads,
-            "structures": len(structures), "atoms": atoms, "failed": out["num_failed"], "seconds": seconds,
-            "structures_per_s": len(structures) / seconds, "atom_steps_per_s": atom_steps / seconds,
-            "mean_steps": out["mean_steps"], "converged_fraction": out["converged_fraction"], **_metrics(out),
+            "structures": len(structures), "atoms": atoms, "chunk": chunk, "failed": out["num_failed"],
+            "seconds": seconds[engine], "structures_per_s": len(structures) / seconds[engine],
+            "atom_steps_per_s": atom_steps / seconds[engine], "mean_steps": out["mean_steps"],
+            "converged_fraction": out["converged_fraction"], **_metrics(out),
         }
         print(json.dumps(rows[engine]), flush=True)
     if "batched" in rows and "ase" in rows:

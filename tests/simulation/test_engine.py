@@ -14,6 +14,7 @@ from ase.filters import FrechetCellFilter
 from ase.io import read
 from ase.io.trajectory import Trajectory
 
+from spherical_channels.data.batch import AtomicBatch
 from spherical_channels.models import SCN
 from spherical_channels.resources import EXAMPLE_STRUCTURES, resource_path
 from spherical_channels.simulation import RelaxOutcome, SCNCalculator, relax_many
@@ -172,6 +173,10 @@ def test_in_flight_batching_gives_each_structure_its_own_relaxation(name: str, b
         assert (a.steps, a.converged, a.error) == (b.steps, b.converged, b.error)
         np.testing.assert_allclose(b.atoms.positions, a.atoms.positions, rtol=0, atol=1e-10)
         assert b.energy == pytest.approx(a.energy, abs=1e-10)
+    # the energy at the input comes with each outcome, also for late arrivals in the batch
+    initial = morse()(AtomicBatch.from_atoms(structures, dtype=F64))["energy"]
+    np.testing.assert_allclose([o.initial_energy for o in together], initial.numpy(), rtol=0, atol=1e-10)
+    assert all(o.initial_energy > o.energy for o in together)  # relaxing went downhill
 
 
 def test_a_failing_structure_is_reported_and_the_others_go_on() -> None:

@@ -26,7 +26,7 @@ from .metrics import (
 if TYPE_CHECKING:
     from ..training.distributed import DistributedContext
 
-__all__ = ["evaluate_s2ef", "evaluate_relaxations", "per_element_baseline", "s2ef_baseline"]
+__all__ = ["evaluate_s2ef", "evaluate_relaxations", "relaxation_metrics", "per_element_baseline", "s2ef_baseline"]
 
 
 def _batch(frames: list[Atoms], first: int, dtype: torch.dtype, device: str | torch.device) -> AtomicBatch:
@@ -225,6 +225,14 @@ def evaluate_relaxations(
 
     mine = sharding.run_share(work, count, ctx)
     records = [record for _, record in sharding.gather_in_order(mine, count, ctx, everywhere=True)]
+    return relaxation_metrics(records)
+
+
+def relaxation_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """IS2RE/IS2RS metrics, with the unrelaxed rows, of per-structure relaxation records (the
+    ``"relaxations"`` of :func:`evaluate_relaxations`, which returns exactly this dict); records
+    of several calls may be pooled."""
+    records = list(records)
     energies, targets, distances, true_forces = [], [], [], []
     initial_energies, initial_distances, initial_forces = [], [], []
     adsorbate_distances, initial_adsorbate_distances = [], []
@@ -247,9 +255,9 @@ def evaluate_relaxations(
                 initial_forces.append(record["initial_true_max_force"])
     relaxed = [r for r in records if "error" not in r]
     out: dict[str, Any] = {
-        "num_structures": count,
+        "num_structures": len(records),
         "num_relaxed": len(relaxed),
-        "num_failed": count - len(relaxed),
+        "num_failed": len(records) - len(relaxed),
         "num_reference_failed": sum("reference_error" in r for r in relaxed),
         "converged_fraction": float(np.mean([r["converged"] for r in relaxed])) if relaxed else float("nan"),
         "mean_steps": float(np.mean([r["steps"] for r in relaxed])) if relaxed else float("nan"),
@@ -396,59 +404,22 @@ def _relax_batched(
             entries.append((index, atoms, _targets(atoms)))
         except Exception as err:  # noqa: BLE001 - one structure's failure must not lose the others
             records[index] = fail(index, f"{type(err).__name__}: {err}")
-    energies = _initial_energies(model, [atoms for _, atoms, _ in entries])
-    kept = []
-    for (index, atoms, targets), energy in zip(entries, energies):
-        if isinstance(energy, str):
-            records[index] = fail(index, energy)
-        else:
-            kept.append((index, atoms, targets, energy))
     outcomes = relax_many(
-        [atoms for _, atoms, _, _ in kept], model, optimizer=optimizer, fmax=fmax, steps=steps,
+        [atoms for _, atoms, _ in entries], model, optimizer=optimizer, fmax=fmax, steps=steps,
         max_atoms=batch_atoms, dtype=model_dtype_device(model)[0], progress=progress,
-        trajectories=[f"{trajectory_dir}/{index:05d}.traj" for index, *_ in kept] if trajectory_dir else None,
-    ) if kept else []
-    for (index, atoms, targets, energy), outcome in zip(kept, outcomes):
+        trajectories=[f"{trajectory_dir}/{index:05d}.traj" for index, *_ in entries] if trajectory_dir else None,
+    ) if entries else []
+    for (index, atoms, targets), outcome in zip(entries, outcomes):
         if outcome.error is not None:
             records[index] = fail(index, outcome.error)
             continue
         try:
+            # the engine's first evaluation is at the input: the unrelaxed IS2RE baseline
             records[index] = _relaxation_record(atoms, index, outcome.atoms, outcome.converged, outcome.steps,
-                                                outcome.energy, energy, targets, reference_calculator)
+                                                outcome.energy, outcome.initial_energy, targets, reference_calculator)
         except Exception as err:  # noqa: BLE001
             records[index] = fail(index, f"{type(err).__name__}: {err}")
     return [records[index] for index in mine]
-
-
-def _initial_energies(model: torch.nn.Module, structures: list[Atoms], chunk: int = 16) -> list[float | str]:
-    """The model's energy of each structure at its initial positions (the unrelaxed IS2RE
-    baseline), a few structures per call; a structure whose energy cannot be had gets the
-    reason as a string."""
-    from ..simulation.engine import model_dtype_device
-
-    dtype, device = model_dtype_device(model)
-    was_training = model.training
-    model.eval()
-    out: list[float | str] = []
-    try:
-        for start in range(0, len(structures), chunk):
-            group = structures[start:start + chunk]
-            try:
-                energies = model(AtomicBatch.from_atoms(group, dtype=dtype, device=device))["energy"]
-                values: list[float | str] = [float(e) for e in energies.detach().cpu().double()]
-            except Exception:  # noqa: BLE001 - find which structure it was
-                values = []
-                for atoms in group:
-                    try:
-                        values.append(float(model(AtomicBatch.from_atoms([atoms], dtype=dtype, device=device))
-                                            ["energy"][0].detach()))
-                    except Exception as err:  # noqa: BLE001
-                        values.append(f"{type(err).__name__}: {err}")
-            out.extend(v if isinstance(v, str) or np.isfinite(v) else
-                       "the model returned a non-finite energy at the initial structure" for v in values)
-    finally:
-        model.train(was_training)
-    return out
 
 
 def _mean_distance(positions: np.ndarray, reference: np.ndarray, mask: np.ndarray, atoms: Atoms) -> float:

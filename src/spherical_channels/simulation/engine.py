@@ -72,6 +72,8 @@ class RelaxOutcome:
         converged: whether the largest (generalised) force norm fell below ``fmax``.
         error: None, or one line saying why the structure failed.
         trajectory: the structure's trajectory file, if trajectories were asked for.
+        initial_energy: the energy (eV) at the input structure (the first evaluation), or None
+            if the model gave none there.
     """
 
     index: int
@@ -82,6 +84,7 @@ class RelaxOutcome:
     converged: bool
     error: Optional[str] = None
     trajectory: Optional[Path] = None
+    initial_energy: Optional[float] = None
 
 
 def relax_many(
@@ -256,6 +259,7 @@ class _Entry:
     atoms: "ase.Atoms"
     steps: int = 0  # set when it leaves the batch (the batch counts steps)
     trajectory: Optional[Path] = None
+    initial_energy: Optional[float] = None
 
 
 @dataclass
@@ -518,6 +522,8 @@ class _Engine:
         failed = (summary[:, 0] == 0) | (summary[:, 1] != 0)
         failed[list(errors)] = True
         converged = ~failed & (summary[:, 2] < self.fmax)  # ASE's test: strictly below fmax
+        for i in np.flatnonzero((group.steps == 0) & ~failed).tolist():  # first evaluation: the input
+            group.entries[i].initial_energy = float(summary[i, 4])
         done = failed | converged | (group.steps >= self.steps)
         frames = self._host_frames(group, energy, forces, stress, summary)
         # host bookkeeping only for the structures that leave or have a trajectory to extend
@@ -719,14 +725,17 @@ class _Engine:
 
     def _finish(self, entry: _Entry, atoms: "ase.Atoms", energy: float, max_force: float, converged: bool) -> None:
         self.outcomes[entry.index] = RelaxOutcome(
-            entry.index, atoms, energy, max_force, entry.steps, converged, None, entry.trajectory
+            entry.index, atoms, energy, max_force, entry.steps, converged, None, entry.trajectory,
+            entry.initial_energy,
         )
         self.counts["converged"] += int(converged)
         self._advance(entry.index)
 
     def _finish_failed(self, entry: _Entry, atoms: "ase.Atoms", reason: str) -> None:
         atoms.calc = None
-        self.outcomes[entry.index] = RelaxOutcome(entry.index, atoms, None, None, entry.steps, False, reason, entry.trajectory)
+        self.outcomes[entry.index] = RelaxOutcome(
+            entry.index, atoms, None, None, entry.steps, False, reason, entry.trajectory, entry.initial_energy
+        )
         self.counts["failed"] += 1
         self.writers.release([entry.trajectory])
         self._advance(entry.index)
