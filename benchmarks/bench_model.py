@@ -18,6 +18,10 @@ What is timed (each per step, ``time.perf_counter``), in this order:
 * ``train_step``: ``model.train()``, AdamW(lr 4e-4, amsgrad=True); zero_grad, forward,
   loss = 2*mean|E-E_t| + 100*mean_atoms ||F-F_t||_2, backward, clip_grad_norm_(100), step.
 
+With ``--amp bf16`` the model call (not the loss, clipping or optimiser) runs under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, as the trainer's ``optim.amp: bf16`` does;
+the geometry and frames stay in float32 inside the model either way.
+
 Batches are built exactly like the harness: ``nb = ceil(n / B)`` full batches that wrap
 around the structure list (``chunk = [atoms[(k*B+t) % n] for t in range(B)]``); step ``s``
 uses batch ``s % nb``; random targets from ``torch.Generator().manual_seed(1234)``
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--roll", choices=["random", "fixed"], default="random",
                     help="edge-frame roll rule in training mode (eval mode always uses 'fixed')")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none",
+                    help="run the model under CPU bf16 autocast (as the trainer's optim.amp: bf16)")
     ap.add_argument("--skip", choices=["none", "forward", "train"], default="none",
                     help="skip one of the timed phases (default: time everything)")
     ap.add_argument("--force-modes", action="store_true",
@@ -147,6 +153,12 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config)
     model = SCN(**cfg, roll=args.roll, eval_roll="fixed").to(dtype)
+    import contextlib
+
+    def autocast():
+        if args.amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
     nparam = sum(p.numel() for p in model.parameters())
 
     # ---------------------------------------------------------------- data (untimed)
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
         model.eval()
 
         def fwd(b):
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return model(b[0])
 
         f_ts = timed(fwd, args.steps, args.warmup)
@@ -216,7 +228,9 @@ def main(argv=None) -> int:
             nonlocal last_loss
             batch, e_t, f_t = b
             opt.zero_grad(set_to_none=True)
-            loss = _loss(model(batch), e_t, f_t)
+            with autocast():
+                out = model(batch)
+            loss = _loss(out, e_t, f_t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
             opt.step()
@@ -238,6 +252,7 @@ def main(argv=None) -> int:
         "config": os.path.basename(args.config),
         "model_attributes": cfg,
         "dtype": args.dtype,
+        "amp": args.amp,
         "roll": {"train": args.roll, "eval": "fixed"},
         "num_params": nparam,
         "batch_size": B,

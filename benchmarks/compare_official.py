@@ -15,6 +15,11 @@ Each run is its own subprocess (so peak RSS is per implementation), run one afte
 other, alternating: official, ours, official, ours, ... for ``--rounds`` rounds, so slow
 drifts of the machine's load hit both sides alike.
 
+``--amp none,bf16`` measures float32 and CPU bf16 autocast in the same run (each round runs
+every mode): our side with ``bench_model.py --amp bf16``, the official side through
+``official_amp.py``, which autocasts the official model's calls the way fairchem's trainer
+does (forward under autocast; loss and optimiser outside).
+
 Aggregation per side and phase (forward, train_step, graph_only):
 * ``min``: the best round, i.e. the smallest sum of per-batch minima over the rounds;
 * ``median``: the median over rounds of the sum of per-batch medians.
@@ -127,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--roll", choices=["random", "fixed"], default="random",
                     help="our training roll (the official bench uses random)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per subprocess, seconds")
+    ap.add_argument("--amp", default="none",
+                    help="comma-separated autocast modes to measure, each against the other side's same mode: "
+                         "none (float32) and/or bf16 (CPU bf16 autocast on both sides)")
     ap.add_argument("--log-dir", default=None, help="keep each run's stdout/stderr here")
     ap.add_argument("--out", default=None, help="also write the JSON summary (with raw runs) here")
     args = ap.parse_args(argv)
@@ -147,22 +155,52 @@ def main(argv=None) -> int:
             return 2
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
+    modes = [m.strip() for m in args.amp.split(",") if m.strip()]
+    if not modes or any(m not in ("none", "bf16") for m in modes):
+        print(f"error: --amp takes none and/or bf16, got {args.amp!r}", file=sys.stderr)
+        return 2
+    if "bf16" in modes and args.dtype != "float32":
+        print("error: --amp bf16 compares against the official float32 model: use --dtype float32", file=sys.stderr)
+        return 2
 
     common = ["--config", args.config, "--structures", args.structures,
               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)]
-    off_cmd = [off_py, harness, "bench", *common]
-    our_cmd = [args.ours_python, os.path.join(HERE, "bench_model.py"), *common,
-               "--dtype", args.dtype, "--roll", args.roll]
+
+    def commands(amp: str) -> tuple[list[str], list[str]]:
+        off = [off_py, harness, "bench", *common]
+        if amp == "bf16":
+            off = [off_py, os.path.join(HERE, "official_amp.py"), harness, "bench", *common]
+        ours = [args.ours_python, os.path.join(HERE, "bench_model.py"), *common,
+                "--dtype", args.dtype, "--roll", args.roll, "--amp", amp]
+        return off, ours
 
     started = now()
-    official, ours = [], []
+    runs = {amp: ([], []) for amp in modes}
     for r in range(args.rounds):
-        official.append(run_one(f"official round {r + 1}/{args.rounds}", off_cmd, args.timeout,
-                                args.log_dir, f"official_{r + 1}"))
-        ours.append(run_one(f"ours round {r + 1}/{args.rounds}", our_cmd, args.timeout,
-                            args.log_dir, f"ours_{r + 1}"))
+        for amp in modes:
+            off_cmd, our_cmd = commands(amp)
+            runs[amp][0].append(run_one(f"official amp={amp} round {r + 1}/{args.rounds}", off_cmd, args.timeout,
+                                        args.log_dir, f"official_{amp}_{r + 1}"))
+            runs[amp][1].append(run_one(f"ours amp={amp} round {r + 1}/{args.rounds}", our_cmd, args.timeout,
+                                        args.log_dir, f"ours_{amp}_{r + 1}"))
+    finished = now()
+    summaries = {amp: summarize_mode(args, amp, *runs[amp], started, finished) for amp in modes}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"modes": summaries, "raw": {amp: {"official": o, "ours": u} for amp, (o, u) in runs.items()}},
+                      fh, indent=1)
+    if "none" in summaries and "bf16" in summaries:
+        for side in ("official", "ours"):
+            print(f"{side}: bf16 autocast over float32 throughput: " + ", ".join(
+                f"{phase} {summaries['none'][side][phase]['best_sum_per_batch_min_s'] / summaries['bf16'][side][phase]['best_sum_per_batch_min_s']:.2f}x"
+                for phase in ("forward", "train_step")))
+    print(json.dumps({"modes": summaries} if len(modes) > 1 else summaries[modes[0]]))
+    return 0
 
+
+def summarize_mode(args, amp: str, official: list[dict], ours: list[dict], started: str, finished: str) -> dict:
+    """Aggregates, ratios and the printed table of one autocast mode."""
     agg_off, agg_ours = aggregate(official), aggregate(ours)
     ratios = {}
     for phase in PHASES:
@@ -181,10 +219,10 @@ def main(argv=None) -> int:
 
     summary = {
         "started": started,
-        "finished": now(),
+        "finished": finished,
         "settings": {"config": os.path.abspath(args.config), "structures": os.path.abspath(args.structures),
                      "batch_size": B, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                     "rounds": args.rounds, "our_dtype": args.dtype, "our_train_roll": args.roll,
+                     "rounds": args.rounds, "our_dtype": args.dtype, "amp": amp, "our_train_roll": args.roll,
                      "official_roll": "random (train and eval)", "our_eval_roll": "fixed"},
         "ratio_official_over_ours": ratios,
         "ratio_meaning": "time(official)/time(ours) = throughput(ours)/throughput(official); "
@@ -202,7 +240,7 @@ def main(argv=None) -> int:
     }
 
     # ---------------------------------------------------------------- table
-    print(f"\nSCN CPU benchmark  B={B} steps={args.steps} threads={args.threads} rounds={args.rounds} "
+    print(f"\nSCN CPU benchmark  amp={amp}  B={B} steps={args.steps} threads={args.threads} rounds={args.rounds} "
           f"({summary['started']} .. {summary['finished']})")
     print(f"params: official {agg_off['num_params']}, ours {agg_ours['num_params']}; "
           f"atoms per batch {agg_off['atoms_per_batch']}")
@@ -218,14 +256,9 @@ def main(argv=None) -> int:
           f"{ratios['peak_rss']:9.2f}")
     print("(time sums over one pass through the batches; off/ours > 1: ours faster / smaller)")
     loads = [r.get("loadavg_1min") for r in official + ours]
-    print(f"loadavg(1min) before/after each run: "
+    print("loadavg(1min) before/after each run: "
           + ", ".join(f"{l['before']:.1f}/{l['after']:.1f}" for l in loads if l))
-
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({**summary, "raw": {"official": official, "ours": ours}}, fh, indent=1)
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
