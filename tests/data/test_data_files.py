@@ -179,3 +179,21 @@ def test_structure_without_atoms_is_written_without_warnings(tmp_path: Path) -> 
     odd.new_array("matrix", np.zeros((3, 2, 2)))
     with pytest.warns(UserWarning, match=rf"^{tmp_path / 'w.extxyz'}: extxyz output cannot hold per-atom array 'matrix'"):
         write_dataset([odd], tmp_path / "w.extxyz")
+
+
+def test_extxyz_frames_reach_the_file_as_they_are_written(tmp_path: Path) -> None:
+    """A process killed before close (SIGKILL) must not lose the frames already written."""
+    from ase.io import read
+
+    from spherical_channels.data.formats.extxyz import ExtxyzWriter
+
+    path = tmp_path / "out.extxyz"
+    writer = ExtxyzWriter(path)
+    try:
+        for k in range(2):
+            writer.write(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7 + 0.1 * k]]))
+            frames = read(path, ":")  # read by another reader while the writer stays open
+            assert len(frames) == k + 1
+            assert frames[-1].positions[1, 2] == pytest.approx(0.7 + 0.1 * k)
+    finally:
+        writer.close()

@@ -176,6 +176,7 @@ class ExtxyzWriter:
         assert self._fh is not None, "writer is closed"
         self._fh.write(f"{n}\n{' '.join(h for h in header if h)}\n")
         self._fh.writelines(line + "\n" for line in lines)
+        self._fh.flush()  # a process killed outright (SIGKILL, OOM) keeps every finished frame
 
     def _fixed_mask(self, atoms: "ase.Atoms") -> Optional[np.ndarray]:
         from ase.constraints import FixAtoms
