@@ -125,8 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--roll", choices=["random", "fixed"], default="random",
                     help="edge-frame roll rule in training mode (eval mode always uses 'fixed')")
-    ap.add_argument("--amp", choices=["none", "bf16"], default="none",
-                    help="run the model under CPU bf16 autocast (as the trainer's optim.amp: bf16)")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                    help="run the model under bf16 (or, on CUDA, fp16) autocast, as the trainer's optim.amp")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:k] (times are taken after a synchronize)")
     ap.add_argument("--skip", choices=["none", "forward", "train"], default="none",
                     help="skip one of the timed phases (default: time everything)")
     ap.add_argument("--force-modes", action="store_true",
@@ -152,13 +153,20 @@ def main(argv=None) -> int:
     from spherical_channels.models import SCN
 
     cfg = load_config(args.config)
-    model = SCN(**cfg, roll=args.roll, eval_roll="fixed").to(dtype)
+    device = torch.device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs --device cuda (use bf16 on a CPU)")
+    model = SCN(**cfg, roll=args.roll, eval_roll="fixed").to(device=device, dtype=dtype)
     import contextlib
 
     def autocast():
-        if args.amp == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.amp != "none":
+            return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
         return contextlib.nullcontext()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     nparam = sum(p.numel() for p in model.parameters())
 
     # ---------------------------------------------------------------- data (untimed)
@@ -169,9 +177,9 @@ def main(argv=None) -> int:
     batches = []
     for k in range(nb):  # full batches, wrapping around the structure list
         chunk = [atoms_all[(k * B + t) % n] for t in range(B)]
-        batch = AtomicBatch.from_atoms(chunk, dtype=dtype)
-        e_t = torch.randn(B, generator=gen).to(dtype)
-        f_t = torch.randn(batch.num_atoms, 3, generator=gen).to(dtype)
+        batch = AtomicBatch.from_atoms(chunk, dtype=dtype, device=device)
+        e_t = torch.randn(B, generator=gen).to(device=device, dtype=dtype)
+        f_t = torch.randn(batch.num_atoms, 3, generator=gen).to(device=device, dtype=dtype)
         batches.append((batch, e_t, f_t))
     atoms_per_batch = [b[0].num_atoms for b in batches]
 
@@ -180,8 +188,10 @@ def main(argv=None) -> int:
             fn(batches[s % nb])
         ts = []
         for s in range(steps):
+            sync()
             t = time.perf_counter()
             fn(batches[s % nb])
+            sync()
             ts.append(time.perf_counter() - t)
         return ts
 
@@ -253,6 +263,8 @@ def main(argv=None) -> int:
         "model_attributes": cfg,
         "dtype": args.dtype,
         "amp": args.amp,
+        "device": str(device),
+        "cuda_peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "roll": {"train": args.roll, "eval": "fixed"},
         "num_params": nparam,
         "batch_size": B,
@@ -326,7 +338,8 @@ def _force_modes(cfg, args, batches, summ, dtype) -> dict:
     variants = {}
     for name, direct in (("direct", True), ("conservative", False)):
         torch.manual_seed(args.seed)
-        model = SCN(**{**cfg, "direct_forces": direct}, roll=args.roll, eval_roll="fixed").to(dtype).train()
+        model = SCN(**{**cfg, "direct_forces": direct}, roll=args.roll, eval_roll="fixed").to(
+            device=batches[0][0].positions.device, dtype=dtype).train()
         variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=4e-4, amsgrad=True))
 
     def step(name, b):
