@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from training_helpers import Crash, CrashAt, make_config, read_csv
@@ -401,3 +402,32 @@ def test_a_smooth_model_trains_on_its_own_uncapped_graph(config_for) -> None:
         own = trainer.model.build_graph(batch.batch)
         assert torch.equal(batch.graph.edge_index, own.edge_index)
         assert int(torch.bincount(own.edge_index[1]).max()) > 4  # the cap was not applied
+
+
+def test_compiled_blocks_train_as_the_eager_model(config_for) -> None:  # noqa: ANN001
+    """run.compile: the same losses as eager (aot_eager captures the graphs without code
+    generation, which keeps this test fast), the checkpoint's names unchanged."""
+    from spherical_channels.training.config import TrainConfig
+
+    losses = {}
+    for backend in (None, "aot_eager"):
+        raw = config_for(f"c{backend}", max_steps=3).to_dict()
+        raw["model"].update(num_interactions=1)
+        raw["run"]["compile"] = backend
+        with Trainer(TrainConfig.from_dict(raw)) as trainer:
+            trainer.train()
+            losses[backend] = [float(row["loss"]) for row in read_csv(trainer.run.logs / "train.csv")]
+            names = set(trainer.model.state_dict())
+    assert len(losses[None]) == 3
+    np.testing.assert_allclose(losses["aot_eager"], losses[None], rtol=1e-5)
+    assert not any("_orig_mod" in name for name in names)
+
+
+def test_compile_refuses_energy_conserving_models(config_for) -> None:  # noqa: ANN001
+    from spherical_channels.training.config import ConfigError, TrainConfig
+
+    raw = config_for("cons").to_dict()
+    raw["model"]["direct_forces"] = False
+    raw["run"]["compile"] = "aot_eager"
+    with pytest.raises(ConfigError, match="double backward"):
+        Trainer(TrainConfig.from_dict(raw))

@@ -151,6 +151,11 @@ class RunConfig:
     # Structures read to fit the per-element energies and the force scale (None: all of them;
     # a few hundred thousand are plenty for OC20-sized sets).
     statistics_max_structures: int | None = None
+    # torch.compile the interaction blocks with this backend ("inductor", or "aot_eager" to
+    # capture graphs without generating code); null: eager. Direct-force models only (no
+    # double backward through compiled code). Measured on this CPU: no faster, minutes to
+    # compile (benchmarks/README.md); meant for GPUs.
+    compile: str | None = None
 
 
 @dataclass

@@ -148,6 +148,8 @@ class Trainer:
                          if config.val else None)
         self.statistics = self._statistics(checkpoint)
         self._apply_statistics()
+        if config.run.compile:
+            self._compile_blocks(config.run.compile)
         self.collate = GraphCollate(
             self.dtype, model_config.cutoff, model_config.neighbor_cap, config.train.path,
             ties=model_config.neighbor_ties,
@@ -404,6 +406,24 @@ class Trainer:
     def kept_checkpoint(self) -> str:
         last = self.run.last_checkpoint
         return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+
+    def _compile_blocks(self, backend: str) -> None:
+        """``torch.compile`` each interaction block in place (``run.compile``): parameter names,
+        checkpoints and EMA stay those of the eager model."""
+        if backend is True:  # `compile: true` in YAML
+            backend = "inductor"
+        if not isinstance(backend, str):
+            raise ConfigError(f"run.compile: a torch.compile backend name (e.g. inductor) or null, got {backend!r}")
+        blocks = getattr(self.model, "interactions", None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise ConfigError(f"run.compile: the {self.config.model_name} model has no interaction blocks to compile")
+        if getattr(self.model, "conservative", False):
+            raise ConfigError(
+                "run.compile: energy-conserving models (forces -dE/dx) train through a double backward, "
+                "which torch.compile does not support; use a direct-force model or run.compile: null"
+            )
+        for block in blocks:
+            block.compile(backend=backend, dynamic=True)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self) -> contextlib.AbstractContextManager:
