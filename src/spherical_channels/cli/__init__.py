@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, demo, diagnose, eval, md, predict, relax, train
+from . import data, demo, diagnose, eval, export, md, predict, relax, train
 
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``scn --help`` lists them.
-COMMANDS = [train, eval, predict, diagnose, relax, md, data, demo]
+COMMANDS = [train, eval, predict, diagnose, relax, md, data, export, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

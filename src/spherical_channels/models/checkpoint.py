@@ -187,7 +187,10 @@ def load_model(
     **overrides: Any,
 ) -> nn.Module:
     """A model in eval mode (an :class:`~.scn.SCN`, :class:`~.schnet.SchNet`, ...: whichever
-    the checkpoint holds) from a checkpoint of this package or of the official code.
+    the checkpoint holds) from a checkpoint of this package or of the official code, or an
+    artefact of ``scn export`` (an :class:`~spherical_channels.deployment.ExportedModel`; its
+    code runs on loading, so it needs ``trust_pickle=True``; it takes no ``weights`` or
+    ``overrides``, and keeps the dtype and device it was compiled for).
 
     Args:
         source: checkpoint path or the loaded dictionary (:func:`read_checkpoint`).
@@ -204,6 +207,13 @@ def load_model(
     """
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'raw', got {weights!r}")
+    if not isinstance(source, Mapping):
+        from ..deployment import is_exported_model, load_exported
+
+        if is_exported_model(source):  # reads its metadata only
+            if overrides:
+                raise CheckpointError(f"{source}: an exported model takes no configuration changes ({sorted(overrides)})")
+            return load_exported(source, trust_pickle=trust_pickle).to(device=device, dtype=dtype).eval()
     where = "checkpoint" if isinstance(source, Mapping) else str(source)
     checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source, trust_pickle=trust_pickle)
     try:

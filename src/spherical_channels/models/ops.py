@@ -177,7 +177,7 @@ def _gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) ->
     offsets = torch.arange(num_coefficients, device=x.device)
     rows = torch.stack([source[:, None] * num_coefficients + offsets, target[:, None] * num_coefficients + offsets], dim=2)
     return x.reshape(num_nodes * num_coefficients, channels).index_select(0, rows.view(-1)).view(
-        len(source), num_coefficients, 2 * channels
+        source.shape[0], num_coefficients, 2 * channels  # shape[0], not len(): stays symbolic under export
     )
 
 

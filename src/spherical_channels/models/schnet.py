@@ -63,7 +63,11 @@ class GaussianSmearing(nn.Module):
         super().__init__()
         self.cutoff, self.num_gaussians = float(cutoff), int(num_gaussians)
         self.register_buffer("offset", torch.linspace(0.0, self.cutoff, self.num_gaussians, dtype=torch.float32))
+        # filled here, not on first use: a first use while torch.export traces would cache a
+        # traced value, and the eager model would then compute with it
         self._coeff: dict[torch.dtype, float] = {}
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            self.coefficient(dtype)
 
     def coefficient(self, dtype: torch.dtype) -> float:
         """``-0.5 / spacing^2`` with the spacing of ``linspace`` in ``dtype``."""

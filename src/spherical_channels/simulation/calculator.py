@@ -20,7 +20,8 @@ class SCNCalculator(Calculator):
     """Energies, forces and (energy-conserving models) stress from an SCN, the way ASE expects.
 
     Args:
-        model: a checkpoint path (this package's or an official OC20 SCN or SchNet checkpoint),
+        model: a checkpoint path (this package's or an official OC20 SCN or SchNet checkpoint,
+            or an ``scn export`` artefact, which needs ``trust_pickle=True``),
             an :class:`~spherical_channels.models.SCN`, a :class:`~spherical_channels.models.SchNet`,
             or any module with the same interface
             (``model(batch, stress=...)``, attributes ``conservative`` and ``regress_forces``).
@@ -75,6 +76,10 @@ class SCNCalculator(Calculator):
         return super().get_property(name, atoms, allow_calculation)
 
     def _check_stress(self, atoms: Atoms | None) -> None:
+        if not getattr(self.model, "has_stress", True):
+            raise PropertyNotImplementedError(
+                "stress: an exported model computes energies and forces only; use its checkpoint for stress"
+            )
         if not self.model.conservative:
             raise PropertyNotImplementedError(
                 "stress: this model predicts forces with a direct force head (direct_forces=True), "

@@ -191,6 +191,8 @@ def _check_arguments(
     if not getattr(model, "regress_forces", False):
         raise ValueError("this model does not predict forces (regress_forces=False): it cannot relax structures")
     if cell:
+        if not getattr(model, "has_stress", True):
+            raise ValueError("cell=True needs stress; an exported model computes energies and forces only: use its checkpoint")
         if not getattr(model, "conservative", False):
             raise ValueError(
                 "cell=True needs stress, which only an energy-conserving model has (its forces are -dE/dx); "

@@ -433,7 +433,14 @@ def rotation(model: Callable, structures: Sequence[Structure], ctx: PropertyCont
     with warnings.catch_warnings():
         # rotation_mad reads floats off outputs that carry a graph (harmless here)
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
-        mad = rotation_mad(model, batch, num_rotations=ctx.num_rotations, seed=ctx.seed)
+        try:
+            mad = rotation_mad(model, batch, num_rotations=ctx.num_rotations, seed=ctx.seed)
+        except ValueError as err:
+            if "non-finite" not in str(err):
+                raise
+            # a model that gives NaN or inf fails the property, it does not merely error
+            details = {"rotations": ctx.num_rotations, "error": str(err)}
+            return [ctx.result("rotation_energy", math.inf, details), ctx.result("rotation_forces", math.inf, details)]
     energy = _ratio(mad["energy_mad"], mad["energy_mean_abs"])
     out = [ctx.result("rotation_energy", energy, {"rotations": ctx.num_rotations, **mad})]
     if "force_mad" in mad:
