@@ -73,3 +73,12 @@ def exact_output_quadrature(model: SCN) -> SCN:
     sampler.register_constant("weights", w * len(w) / w.sum())  # integrate() takes the mean
     dtype = model.energy_scale.dtype
     return model.to(dtype)
+
+
+def rotations_for(batch, count: int = 2) -> list:  # noqa: ANN001
+    """``count`` seeded draws of one rotation per structure of ``batch``."""
+    import torch
+
+    from spherical_channels.diagnostics.equivariance import draw_rotations
+
+    return draw_rotations(batch.num_structures, count, torch.Generator().manual_seed(0))

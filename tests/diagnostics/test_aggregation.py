@@ -12,21 +12,14 @@ from spherical_channels.diagnostics.aggregation import (
     capture_aggregation_inputs,
     swapped_activations,
 )
-from spherical_channels.diagnostics.equivariance import draw_rotations, rotate_batch
+from spherical_channels.diagnostics.equivariance import rotate_batch
 from spherical_channels.so3.wigner import wigner_D
 
-from diagnostics_helpers import M0_NO_GRID, M1_ONE_TAP, linearize, make_scn, structures
+from diagnostics_helpers import M0_NO_GRID, M1_ONE_TAP, linearize, make_scn, rotations_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def batch() -> AtomicBatch:
-    return AtomicBatch.from_atoms(structures(3), dtype=torch.float64)
-
-
-def _rotations(batch: AtomicBatch, count: int = 2) -> list[torch.Tensor]:
-    return draw_rotations(batch.num_structures, count, torch.Generator().manual_seed(0))
 
 
 def _relative(per_layer) -> list[float]:
@@ -51,7 +44,7 @@ def test_captured_inputs_rotate_by_the_wigner_matrices_the_measurement_uses(batc
     rotated structures are D times the original ones: D (not D^T) is the rotation of the
     coefficients that a rotation of the structure makes."""
     model = make_scn(**M0_NO_GRID)
-    rotation = _rotations(batch, 1)[0]
+    rotation = rotations_for(batch, 1)[0]
     wigner = wigner_D(rotation[batch.batch], model.lmax)
     original = capture_aggregation_inputs(model, batch)
     rotated = capture_aggregation_inputs(model, rotate_batch(batch, rotation))
@@ -64,7 +57,7 @@ def test_captured_inputs_rotate_by_the_wigner_matrices_the_measurement_uses(batc
 def test_linear_m0_model_without_grid_is_exact_per_layer(batch: AtomicBatch) -> None:
     """No grid: each layer keeps the sum of its messages, F is the identity, eq. 16 is rounding."""
     model = linearize(make_scn(**M0_NO_GRID))
-    result = aggregation_differences(model, batch, _rotations(batch))
+    result = aggregation_differences(model, batch, rotations_for(batch))
     assert len(result["layers"]) == 2 and result["variants"] == {}
     assert all(r < 1e-13 for r in _relative(result["layers"])), _relative(result["layers"])
 
@@ -72,7 +65,7 @@ def test_linear_m0_model_without_grid_is_exact_per_layer(batch: AtomicBatch) -> 
 def test_linear_grid_network_is_exact_silu_is_not(batch: AtomicBatch) -> None:
     """Sampling a degree-L function on the 2(L+1) grid and projecting back is exact, so a linear
     pointwise network commutes with D; a SiLU network aliases (the paper: 4-7 %)."""
-    rotations = _rotations(batch)
+    rotations = rotations_for(batch)
     linear = aggregation_differences(linearize(make_scn(**M1_ONE_TAP)), batch, rotations)
     assert all(r < 1e-12 for r in _relative(linear["layers"])), _relative(linear["layers"])
 
@@ -91,7 +84,7 @@ def test_variants_leave_the_model_as_it_was(batch: AtomicBatch) -> None:
     model = make_scn(**M1_ONE_TAP)
     before = model(batch)["energy"]
     modules = [(block.grid_mlp[1], block.grid_mlp[3]) for block in model.interactions]
-    aggregation_differences(model, batch, _rotations(batch, 1), variants=["relu-1", "linear"])
+    aggregation_differences(model, batch, rotations_for(batch, 1), variants=["relu-1", "linear"])
     with pytest.raises(RuntimeError, match="inside"):
         with swapped_activations(model.interactions[0], torch.nn.ReLU, 2):
             raise RuntimeError("inside")
@@ -102,7 +95,7 @@ def test_variants_leave_the_model_as_it_was(batch: AtomicBatch) -> None:
 def test_bad_requests_are_clear(batch: AtomicBatch) -> None:
     model = make_scn(**M1_ONE_TAP)
     with pytest.raises(ValueError, match="unknown aggregation variants"):
-        aggregation_differences(model, batch, _rotations(batch, 1), variants=["tanh-2"])
+        aggregation_differences(model, batch, rotations_for(batch, 1), variants=["tanh-2"])
     with pytest.raises(ValueError, match="no 1x1 grid"):
         with swapped_activations(make_scn(**M0_NO_GRID).interactions[0], torch.nn.ReLU, 1):
             pass

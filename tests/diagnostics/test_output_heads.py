@@ -6,22 +6,15 @@ import pytest
 import torch
 
 from spherical_channels.data.batch import AtomicBatch
-from spherical_channels.diagnostics.equivariance import draw_rotations, rotate_batch, rotation_differences
+from spherical_channels.diagnostics.equivariance import rotate_batch, rotation_differences
 from spherical_channels.diagnostics.output_heads import final_features, head_outputs, output_head_differences
 from spherical_channels.so3.wigner import wigner_D
 
-from diagnostics_helpers import M0_NO_GRID, M1_ONE_TAP, exact_output_quadrature, linearize, make_scn, structures
+from diagnostics_helpers import M0_NO_GRID, M1_ONE_TAP, exact_output_quadrature, linearize, make_scn, rotations_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def batch() -> AtomicBatch:
-    return AtomicBatch.from_atoms(structures(3), dtype=torch.float64)
-
-
-def _rotations(batch: AtomicBatch, count: int = 2) -> list[torch.Tensor]:
-    return draw_rotations(batch.num_structures, count, torch.Generator().manual_seed(0))
 
 
 def _relative(acc) -> float:
@@ -43,7 +36,7 @@ def test_heads_on_the_final_features_are_the_models_prediction(batch: AtomicBatc
 
 def test_final_features_rotate_by_the_wigner_matrices_the_measurement_uses(batch: AtomicBatch) -> None:
     model = make_scn(**M0_NO_GRID)
-    rotation = _rotations(batch, 1)[0]
+    rotation = rotations_for(batch, 1)[0]
     features = final_features(model, batch)
     rotated = final_features(model, rotate_batch(batch, rotation))
     wigner = wigner_D(rotation[batch.batch], model.lmax)
@@ -55,7 +48,7 @@ def test_an_exactly_equivariant_trunk_leaves_table_4_to_the_heads(batch: AtomicB
     model on the rotated input is the heads on D s, and Table 4 equals Table 6 (same
     rotations) up to rounding, for the energy and the forces alike."""
     model = make_scn(**M0_NO_GRID)
-    rotations = _rotations(batch)
+    rotations = rotations_for(batch)
     whole = rotation_differences(model, batch, rotations)
     heads = output_head_differences(model, batch, rotations)
     for name in ("energy", "forces"):
@@ -68,7 +61,7 @@ def test_linear_heads_are_exact_only_on_an_exact_quadrature(batch: AtomicBatch) 
     """Linear heads integrate polynomials of degree L (energy) and L + 1 (forces): exact on a
     product Gauss rule, not on the Fibonacci points. Non-linear (SiLU) heads are not exact on
     either."""
-    rotations = _rotations(batch)
+    rotations = rotations_for(batch)
     fibonacci = output_head_differences(linearize(make_scn(**M1_ONE_TAP)), batch, rotations)
     gauss = output_head_differences(exact_output_quadrature(linearize(make_scn(**M1_ONE_TAP))), batch, rotations)
     silu_gauss = output_head_differences(exact_output_quadrature(make_scn(**M1_ONE_TAP)), batch, rotations)
@@ -80,7 +73,7 @@ def test_linear_heads_are_exact_only_on_an_exact_quadrature(batch: AtomicBatch) 
 
 def test_a_conservative_model_has_no_force_head(batch: AtomicBatch) -> None:
     model = make_scn(**M1_ONE_TAP, direct_forces=False)
-    result = output_head_differences(model, batch, _rotations(batch, 1))
+    result = output_head_differences(model, batch, rotations_for(batch, 1))
     assert set(result) == {"energy"} and result["energy"].mad > 0
     with pytest.raises(TypeError, match="needs an SCN"):
         final_features(torch.nn.Linear(2, 2), batch)
