@@ -92,3 +92,24 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file(tmp_path: Path, bad_checkp
         assert isinstance(message, str) and message.startswith("scn export: "), kind
         assert str(path) in message and "\n" not in message, kind
     assert not out.exists()
+
+
+def test_commands_take_an_artefact_behind_trust_pickle(one_thread, tmp_path: Path, capsys) -> None:  # noqa: ARG001
+    """scn predict on an artefact: refused without --trust-pickle (it runs the file's code),
+    and with it the checkpoint's predictions."""
+    from ase.io import read
+
+    artefact = tmp_path / "schnet.pt2"
+    assert main(["export", str(SCHNET), str(artefact), "--format", "exported-program", "--dtype", "float32"]) == 0
+    structures = tmp_path / "in.extxyz"
+    write(structures, default_examples()[:3])
+    with pytest.raises(SystemExit, match="trust_pickle"):
+        main(["predict", str(artefact), str(structures), "-o", str(tmp_path / "refused.extxyz")])
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["predict", str(artefact), str(structures), "-o", str(tmp_path / "a.extxyz"), "--trust-pickle", "--quiet"]) == 0
+    assert main(["predict", str(SCHNET), str(structures), "-o", str(tmp_path / "c.extxyz"), "--quiet"]) == 0
+    for a, c in zip(read(tmp_path / "a.extxyz", ":"), read(tmp_path / "c.extxyz", ":")):
+        assert abs(a.get_potential_energy() - c.get_potential_energy()) <= 1e-4
+        assert abs(a.get_forces() - c.get_forces()).max() <= 1e-4

@@ -171,15 +171,20 @@ def load_checkpoint_model(
     trust_pickle: bool = False,
 ) -> tuple[Mapping[str, Any], Any]:
     """``(checkpoint dictionary, model in eval mode)`` from ``path`` (an SCN, a SchNet, ...:
-    whichever the checkpoint holds); any failure (missing file,
-    directory, empty, truncated, not a checkpoint, another model, weights that do not fit) is
-    a one-line ``SystemExit`` naming the file."""
+    whichever the checkpoint holds; or an ``scn export`` artefact, with an empty dictionary);
+    any failure (missing file, directory, empty, truncated, not a checkpoint, another model,
+    weights that do not fit, an artefact without ``--trust-pickle``) is a one-line
+    ``SystemExit`` naming the file."""
+    from ..deployment import is_exported_model
     from ..models.checkpoint import load_model, read_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"scn {command}: no such file: {path} (the checkpoint)")
     try:
+        if path.is_file() and is_exported_model(path):  # its metadata reads: an artefact
+            # compiled for one dtype and device: moving it elsewhere is the loader's clear error
+            return {}, load_model(path, device=device, dtype=dtype, trust_pickle=trust_pickle)
         checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
         model = load_model(checkpoint, weights=weights, dtype=dtype)
     # the loader names the file for the failures it knows; anything else a file can make
