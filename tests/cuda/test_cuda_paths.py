@@ -21,6 +21,8 @@ from spherical_channels.simulation import SCNCalculator, relax_many
 from spherical_channels.simulation.md import md_many
 from spherical_channels.testing.potentials import MorsePotential
 
+from scn_helpers import batch_from_preds
+
 DEVICE = os.environ.get("SCN_TEST_ACCELERATOR", "cuda")
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -39,27 +41,12 @@ def slabs(count: int = 4) -> list:
     return out
 
 
-def fixture_batch(preds: np.lib.npyio.NpzFile) -> AtomicBatch:
-    natoms = torch.as_tensor(preds["natoms"], dtype=torch.long)
-    n = int(natoms.sum())
-    return AtomicBatch(
-        positions=torch.as_tensor(preds["positions"]).float(),
-        atomic_numbers=torch.as_tensor(preds["atomic_numbers"], dtype=torch.long),
-        cell=torch.as_tensor(preds["cell"]).float(),
-        pbc=torch.as_tensor(preds["pbc"], dtype=torch.bool),
-        natoms=natoms,
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-        fixed=torch.zeros(n, dtype=torch.bool),
-        tags=torch.as_tensor(preds["tags"], dtype=torch.long),
-    )
-
-
 @pytest.mark.parametrize("cfg", ["cfg_tiny", "cfg_t1b1"])
 def test_official_fixtures_on_the_device(cfg: str) -> None:
     """The official float32 outputs, within the fixtures' stated float32 tolerance."""
     preds = np.load(FIXTURES / cfg / "preds.npz")
     model = SCN.from_fairchem(FIXTURES / cfg / "ckpt.pt").to(DEVICE).eval()
-    out = model(fixture_batch(preds).to(device=DEVICE))
+    out = model(batch_from_preds(preds).to(device=DEVICE))
     energy = out["energy"].detach().cpu().double().numpy()
     forces = out["forces"].detach().cpu().double().numpy()
     assert np.all(np.abs(energy - preds["energy"]) <= 1e-4 + 1e-5 * np.abs(preds["energy"]))

@@ -14,6 +14,8 @@ import torch
 from spherical_channels.data import AtomicBatch, build_graph, edge_vectors, neighbor_ranks
 from spherical_channels.data.validation import StructureError
 
+from scn_helpers import batch_from_preds
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
@@ -254,18 +256,7 @@ def _load_fixture(cfg: str, name: str = "preds.npz"):
 
 
 def _fixture_batch(ref: dict, dtype: torch.dtype) -> AtomicBatch:
-    natoms = torch.as_tensor(ref["natoms"])
-    n = int(natoms.sum())
-    batch = AtomicBatch(
-        positions=torch.as_tensor(ref["positions"]).to(dtype),
-        atomic_numbers=torch.as_tensor(ref["atomic_numbers"]),
-        cell=torch.as_tensor(ref["cell"]).to(dtype),
-        pbc=torch.as_tensor(ref["pbc"]),
-        natoms=natoms,
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-        fixed=torch.zeros(n, dtype=torch.bool),
-        tags=torch.as_tensor(ref["tags"]),
-    )
+    batch = batch_from_preds(ref, dtype)
     batch.validate()
     return batch
 

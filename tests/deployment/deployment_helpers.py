@@ -1,30 +1,8 @@
-"""Helpers of the deployment tests (import as ``deployment_helpers``): fixture structures as batches."""
+"""Helpers of the deployment tests (import as ``deployment_helpers``)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from spherical_channels.data.batch import AtomicBatch
-
-
-def preds_batch(preds: np.lib.npyio.NpzFile, rows: slice = slice(None)) -> AtomicBatch:
-    """Structures ``rows`` of a fixture, as the official model saw them (wrapped positions)."""
-    natoms = torch.as_tensor(preds["natoms"], dtype=torch.long)
-    starts = torch.cumsum(natoms, 0) - natoms
-    index = range(len(natoms))[rows]
-    atoms = torch.cat([torch.arange(int(starts[s]), int(starts[s] + natoms[s])) for s in index])
-    counts = natoms[list(index)]
-    return AtomicBatch(
-        positions=torch.as_tensor(preds["positions"])[atoms].float(),
-        atomic_numbers=torch.as_tensor(preds["atomic_numbers"], dtype=torch.long)[atoms],
-        cell=torch.as_tensor(preds["cell"])[list(index)].float(),
-        pbc=torch.as_tensor(preds["pbc"], dtype=torch.bool)[list(index)],
-        natoms=counts,
-        batch=torch.repeat_interleave(torch.arange(len(counts)), counts),
-        fixed=torch.zeros(len(atoms), dtype=torch.bool),
-        tags=torch.as_tensor(preds["tags"], dtype=torch.long)[atoms],
-    )
 
 
 def assert_matches_fixture(out: dict, preds: np.lib.npyio.NpzFile, rows: slice) -> None:

@@ -21,7 +21,8 @@ from spherical_channels.models.checkpoint import load_model
 from spherical_channels.security import UntrustedPickleWarning
 from spherical_channels.simulation import SCNCalculator, relax_many
 
-from deployment_helpers import assert_matches_fixture, preds_batch
+from deployment_helpers import assert_matches_fixture
+from scn_helpers import batch_from_preds
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -44,7 +45,7 @@ def test_aoti_artefact_reproduces_the_fixture_at_other_sizes(compiled) -> None:
     assert info.conservative and info.graph.max_num_neighbors == 50 and info.source == "schnet_tiny"
     preds = np.load(FIXTURES / "schnet_tiny" / "preds.npz")
     for rows in (slice(6, 7), slice(2, 6), slice(None)):
-        batch = preds_batch(preds, rows)
+        batch = batch_from_preds(preds, torch.float32, rows)
         got, want = loaded(batch), model(batch)
         assert float((got["energy"] - want["energy"]).abs().max()) <= 1e-4
         assert float((got["forces"] - want["forces"]).abs().max()) <= 1e-5

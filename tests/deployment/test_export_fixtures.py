@@ -19,7 +19,8 @@ from spherical_channels.deployment import compile_model, export_model, load_expo
 from spherical_channels.models.checkpoint import load_model
 from spherical_channels.security import UntrustedPickleWarning
 
-from deployment_helpers import assert_matches_fixture, preds_batch
+from deployment_helpers import assert_matches_fixture
+from scn_helpers import batch_from_preds
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -35,7 +36,7 @@ def test_official_scn_artefact_reproduces_the_fixture(one_thread, tmp_path: Path
         loaded = load_exported(path, trust_pickle=True)
     preds = np.load(FIXTURES / "cfg_tiny" / "preds.npz")
     for rows in (slice(2, 3), slice(5, 8), slice(None)):
-        batch = preds_batch(preds, rows)
+        batch = batch_from_preds(preds, torch.float32, rows)
         assert_matches_fixture(loaded(batch), preds, rows)
 
 
@@ -48,7 +49,7 @@ def test_compiled_model_matches_the_eager_model(one_thread) -> None:  # noqa: AR
     assert set(compiled.seconds) == {"trace", "compile"}
     preds = np.load(FIXTURES / "schnet_tiny" / "preds.npz")
     for rows in (slice(2, 5), slice(None)):
-        batch = preds_batch(preds, rows)
+        batch = batch_from_preds(preds, torch.float32, rows)
         got, want = compiled(batch), model(batch)
         assert float((got["energy"] - want["energy"]).abs().max()) <= 1e-4
         assert float((got["forces"] - want["forces"]).abs().max()) <= 1e-5

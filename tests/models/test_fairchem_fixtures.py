@@ -14,29 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from spherical_channels.data.batch import AtomicBatch
 from spherical_channels.models import SCN
 from spherical_channels.models.checkpoint import read_checkpoint
+
+from scn_helpers import batch_from_preds
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CONFIGS = ["cfg_tiny", "cfg_m0", "cfg_t1b1"]
 CONFIGS_FLOAT64 = [c for c in CONFIGS if (FIXTURES / c / "preds_float64.npz").exists()]
-
-
-def batch_from_preds(preds: np.lib.npyio.NpzFile, dtype: torch.dtype) -> AtomicBatch:
-    """The exact inputs the official model saw (wrapped positions) as one batch."""
-    natoms = torch.as_tensor(preds["natoms"], dtype=torch.long)
-    n = int(natoms.sum())
-    return AtomicBatch(
-        positions=torch.as_tensor(preds["positions"]).to(dtype),
-        atomic_numbers=torch.as_tensor(preds["atomic_numbers"], dtype=torch.long),
-        cell=torch.as_tensor(preds["cell"]).to(dtype),
-        pbc=torch.as_tensor(preds["pbc"], dtype=torch.bool),
-        natoms=natoms,
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-        fixed=torch.zeros(n, dtype=torch.bool),
-        tags=torch.as_tensor(preds["tags"], dtype=torch.long),
-    )
 
 
 def load(cfg: str, dtype: torch.dtype, **overrides) -> SCN:

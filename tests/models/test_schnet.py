@@ -38,6 +38,8 @@ from spherical_channels.models.schnet_config import OFFICIAL_MAX_NEIGHBORS, SchN
 from spherical_channels.simulation import SCNCalculator
 from spherical_channels.testing import Expectations, default_structures, pytest_properties, run_property_suite
 
+from scn_helpers import batch_from_preds
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = Path(__file__).resolve().parent
@@ -45,21 +47,6 @@ FIXTURE = HERE.parent / "fixtures" / "schnet_tiny"
 CKPT = FIXTURE / "ckpt.pt"
 CONFIGS = HERE.parents[1] / "configs" / "small"
 TINY = dict(hidden_channels=16, num_filters=16, num_interactions=2, num_gaussians=16, cutoff=5.0)
-
-
-def batch_from_preds(preds: np.lib.npyio.NpzFile, dtype: torch.dtype) -> AtomicBatch:
-    """The exact inputs the official model saw (wrapped positions) as one batch."""
-    natoms = torch.as_tensor(preds["natoms"], dtype=torch.long)
-    return AtomicBatch(
-        positions=torch.as_tensor(preds["positions"]).to(dtype),
-        atomic_numbers=torch.as_tensor(preds["atomic_numbers"], dtype=torch.long),
-        cell=torch.as_tensor(preds["cell"]).to(dtype),
-        pbc=torch.as_tensor(preds["pbc"], dtype=torch.bool),
-        natoms=natoms,
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-        fixed=torch.zeros(int(natoms.sum()), dtype=torch.bool),
-        tags=torch.as_tensor(preds["tags"], dtype=torch.long),
-    )
 
 
 def official_edges(preds: np.lib.npyio.NpzFile) -> torch.Tensor:

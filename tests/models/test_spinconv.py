@@ -45,6 +45,8 @@ from spherical_channels.models.spinconv_official import (
 )
 from spherical_channels.testing import Expectations, Tolerances, default_structures, run_property_suite, symmetric_crystal
 
+from scn_helpers import batch_from_preds
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = Path(__file__).resolve().parent
@@ -53,21 +55,6 @@ VARIANTS = ["spinconv_energy", "spinconv_force"]
 CONFIGS = HERE.parents[1] / "configs" / "small"
 #: The fixture README's parameter counts (official ``sum(p.numel() for p in parameters())``).
 NUM_PARAMS = {"spinconv_energy": 118_057, "spinconv_force": 153_723}
-
-
-def batch_from_preds(preds: np.lib.npyio.NpzFile, dtype: torch.dtype) -> AtomicBatch:
-    """The exact inputs the official model saw (wrapped positions) as one batch."""
-    natoms = torch.as_tensor(preds["natoms"], dtype=torch.long)
-    return AtomicBatch(
-        positions=torch.as_tensor(preds["positions"]).to(dtype),
-        atomic_numbers=torch.as_tensor(preds["atomic_numbers"], dtype=torch.long),
-        cell=torch.as_tensor(preds["cell"]).to(dtype),
-        pbc=torch.as_tensor(preds["pbc"], dtype=torch.bool),
-        natoms=natoms,
-        batch=torch.repeat_interleave(torch.arange(len(natoms)), natoms),
-        fixed=torch.zeros(int(natoms.sum()), dtype=torch.bool),
-        tags=torch.as_tensor(preds["tags"], dtype=torch.long),
-    )
 
 
 def official_edges(preds: np.lib.npyio.NpzFile) -> torch.Tensor:

@@ -6,12 +6,13 @@ report (:mod:`.report`, the ``scn diagnose`` command).
 """
 
 from .aggregation import aggregation_differences, capture_aggregation_inputs
-from .equivariance import AbsDifference, random_rotations, rotate_batch, rotation_differences, rotation_mad
+from .equivariance import AbsDifference, NonFiniteOutput, random_rotations, rotate_batch, rotation_differences, rotation_mad
 from .output_heads import final_features, head_outputs, output_head_differences
 from .report import diagnose, format_report, plot_report
 
 __all__ = [
     "AbsDifference",
+    "NonFiniteOutput",
     "aggregation_differences",
     "capture_aggregation_inputs",
     "diagnose",

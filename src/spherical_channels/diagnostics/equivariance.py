@@ -23,6 +23,7 @@ from ..data.batch import AtomicBatch
 
 __all__ = [
     "AbsDifference",
+    "NonFiniteOutput",
     "draw_rotations",
     "random_rotations",
     "rotate_batch",
@@ -79,6 +80,10 @@ def rotate_coefficients(wigner: torch.Tensor, coefficients: torch.Tensor) -> tor
     return out.to(coefficients.dtype)
 
 
+class NonFiniteOutput(ValueError):
+    """The model gave NaN or inf where a difference was to be measured."""
+
+
 @dataclass
 class AbsDifference:
     """Running sums for a mean absolute difference and the scale it is put in.
@@ -95,13 +100,13 @@ class AbsDifference:
 
     def add(self, reference: torch.Tensor, other: torch.Tensor, what: str = "output") -> None:
         """Add the element-wise differences of two same-shape tensors; a non-finite value is a
-        ``ValueError`` naming ``what`` (a silent NaN would poison every mean)."""
+        :class:`NonFiniteOutput` naming ``what`` (a silent NaN would poison every mean)."""
         if reference.shape != other.shape:
             raise ValueError(f"{what}: shapes differ, {tuple(reference.shape)} and {tuple(other.shape)}")
         ref = reference.detach().to(torch.float64)
         diff = (other.detach().to(torch.float64) - ref).abs()
         if not (torch.isfinite(ref).all() and torch.isfinite(diff).all()):
-            raise ValueError(f"{what}: the model gives non-finite values (overflow in this precision?)")
+            raise NonFiniteOutput(f"{what}: the model gives non-finite values (overflow in this precision?)")
         if diff.numel() == 0:
             return
         self.total += float(diff.sum())

@@ -30,7 +30,7 @@ import torch
 from ase import Atoms
 
 from ..data.batch import AtomicBatch
-from ..diagnostics.equivariance import rotation_mad
+from ..diagnostics.equivariance import NonFiniteOutput, rotation_mad
 from .structures import Structure
 
 __all__ = [
@@ -435,9 +435,7 @@ def rotation(model: Callable, structures: Sequence[Structure], ctx: PropertyCont
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
         try:
             mad = rotation_mad(model, batch, num_rotations=ctx.num_rotations, seed=ctx.seed)
-        except ValueError as err:
-            if "non-finite" not in str(err):
-                raise
+        except NonFiniteOutput as err:
             # a model that gives NaN or inf fails the property, it does not merely error
             details = {"rotations": ctx.num_rotations, "error": str(err)}
             return [ctx.result("rotation_energy", math.inf, details), ctx.result("rotation_forces", math.inf, details)]
